@@ -1,0 +1,36 @@
+//! vmbsrv: a Hyper-V host VMBus server (VSP) written as a KMDF driver.
+//!
+//! The crate is laid out by concern, and data flows one way:
+//!
+//! ```text
+//! driver (Windows, KMDF glue) ─┐
+//!                              ├─> kmcl (FFI boundary) ─> vsp (the service) ─> saved (durable format)
+//! sim (user-mode KMCL, tests) ─┘
+//! ```
+//!
+//! * [`kmcl`] — the VMBus Kernel Mode Client Library boundary: hand-written `#[repr(C)]` tables,
+//!   thin safe wrappers, and the `extern` callback trampolines. With `driver` and `sim`, the only
+//!   place that holds `unsafe`.
+//! * [`saved`] — the saved-state record format: pure, allocation-free on encode, no KMCL.
+//! * [`vsp`] — the service: guest protocol, delivery table, save/restore callbacks, control requests.
+//! * `driver` — KMDF glue, compiled only for Windows targets with the `driver` feature.
+//! * `sim` — a user-mode KMCL implementing the same function table (feature `sim`).
+//!
+//! The whole crate is `no_std` + `alloc` on every target, so the code that runs in the kernel is
+//! the code the Linux tests run. Off Windows, `std` is linked (never imported by the kernel
+//! modules) only to give the host `cdylib` a panic handler and allocator, and for the simulator.
+#![no_std]
+
+extern crate alloc;
+#[cfg(any(not(target_os = "windows"), test, feature = "std"))]
+extern crate std;
+
+pub mod kmcl;
+pub mod saved;
+pub mod vsp;
+
+#[cfg(all(target_os = "windows", feature = "driver"))]
+mod driver;
+
+#[cfg(feature = "sim")]
+pub mod sim;

@@ -1,0 +1,2 @@
+//! Saved-state records (filled by the saved-state issue).
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! The user-mode KMCL simulator (filled by the simulator issue).

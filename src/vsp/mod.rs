@@ -1,0 +1,2 @@
+//! The VMBus service provider (filled by the VSP issue).
+#![forbid(unsafe_code)]
