@@ -1,1 +1,5 @@
 //! The KMCL boundary.
+
+mod status;
+
+pub use status::{NtStatus, Result};
