@@ -1,0 +1,774 @@
+//! Raw `#[repr(C)]` declarations of `vmbuskernelmodeclientlibapi.h` (KMCL V1 + server V1).
+//!
+//! Hand-written from the documented header layout (see `docs/kmcl-bindings.md` and the
+//! project's KMCL reference): the KMCL is not covered by `wdk-sys`. Names follow the C header so
+//! that the Windows CI's bindgen cross-check can compare member by member. Every size and offset is
+//! asserted in `tests` below; a wrong member shifts a later offset and fails the build's tests.
+//!
+//! The interface GUIDs (`KMCL_SERVER_INTERFACE_TYPE`, `KMCL_CLIENT_INTERFACE_TYPE`) are not public
+//! and are deliberately **not** here: see [`super::interface_id`].
+#![allow(non_camel_case_types, non_snake_case, missing_docs)]
+
+use core::ffi::c_void;
+
+use super::NtStatus;
+use super::abi::kmcl_pfn;
+
+/// Declares an opaque C struct type whose pointer is a KMCL handle (`DECLARE_HANDLE`).
+macro_rules! opaque {
+    ($($(#[$doc:meta])* $name:ident;)*) => {$(
+        $(#[$doc])*
+        #[repr(C)]
+        pub struct $name {
+            _opaque: [u8; 0],
+            _not_send_sync_unpin: core::marker::PhantomData<(*mut u8, core::marker::PhantomPinned)>,
+        }
+    )*};
+}
+
+opaque! {
+    /// `struct VMBCHANNEL__` (a `DECLARE_HANDLE`).
+    VMBCHANNEL__;
+    /// `struct VMBPACKET__` (a `DECLARE_HANDLE`).
+    VMBPACKET__;
+    /// `struct VMBPACKETCOMPLETION__` (a `DECLARE_HANDLE`).
+    VMBPACKETCOMPLETION__;
+    /// `MDL`, only ever handled by pointer here.
+    MDL;
+    /// `DEVICE_OBJECT`, only ever handled by pointer here.
+    DEVICE_OBJECT;
+}
+
+/// A channel handle.
+pub type VMBCHANNEL = *mut VMBCHANNEL__;
+/// An outgoing packet object handle.
+pub type VMBPACKET = *mut VMBPACKET__;
+/// An incoming packet's completion handle, valid until the packet is completed.
+pub type VMBPACKETCOMPLETION = *mut VMBPACKETCOMPLETION__;
+/// `PMDL`.
+pub type PMDL = *mut MDL;
+/// `PDEVICE_OBJECT`.
+pub type PDEVICE_OBJECT = *mut DEVICE_OBJECT;
+/// `HANDLE`.
+pub type HANDLE = *mut c_void;
+/// `PVOID`.
+pub type PVOID = *mut c_void;
+/// `BOOLEAN` (a byte, 0 or 1).
+pub type BOOLEAN = u8;
+/// `PFN_NUMBER` on 64-bit targets.
+pub type PFN_NUMBER = u64;
+
+/// `GUID`: 16 bytes, 4-byte aligned.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct GUID {
+    pub Data1: u32,
+    pub Data2: u16,
+    pub Data3: u16,
+    pub Data4: [u8; 8],
+}
+
+/// `UNICODE_STRING`: lengths in bytes, buffer not necessarily NUL-terminated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct UNICODE_STRING {
+    pub Length: u16,
+    pub MaximumLength: u16,
+    pub Buffer: *mut u16,
+}
+
+/// `PINTERFACE_REFERENCE` / `PINTERFACE_DEREFERENCE`.
+pub type PINTERFACE_REFERENCE = kmcl_pfn!((Context: PVOID));
+/// See [`PINTERFACE_REFERENCE`].
+pub type PINTERFACE_DEREFERENCE = kmcl_pfn!((Context: PVOID));
+
+/// `INTERFACE` (wdm.h): the header of every interface returned by `IRP_MN_QUERY_INTERFACE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct INTERFACE {
+    pub Size: u16,
+    pub Version: u16,
+    pub Context: PVOID,
+    pub InterfaceReference: PINTERFACE_REFERENCE,
+    pub InterfaceDereference: PINTERFACE_DEREFERENCE,
+}
+
+// ---- callbacks the driver provides -----------------------------------------------------------
+
+pub type PFN_VMB_CHANNEL_OPENED = kmcl_pfn!((Channel: VMBCHANNEL) -> NtStatus);
+pub type PFN_VMB_CHANNEL_CLOSED = kmcl_pfn!((Channel: VMBCHANNEL));
+pub type PFN_VMB_CHANNEL_SUSPEND = kmcl_pfn!((Channel: VMBCHANNEL));
+pub type PFN_VMB_CHANNEL_STARTED = kmcl_pfn!((Channel: VMBCHANNEL));
+pub type PFN_VMB_CHANNEL_POST_STARTED = kmcl_pfn!((Channel: VMBCHANNEL));
+pub type PFN_VMB_CHANNEL_PROCESS_PACKET = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    Packet: VMBPACKETCOMPLETION,
+    Buffer: PVOID,
+    BufferLength: u32,
+    Flags: u32,
+));
+pub type PFN_VMB_CHANNEL_PROCESSING_COMPLETE =
+    kmcl_pfn!((Channel: VMBCHANNEL, PacketsProcessed: u32));
+pub type PFN_VMB_PACKET_COMPLETION_ROUTINE = kmcl_pfn!((
+    Packet: VMBPACKET,
+    Status: NtStatus,
+    Buffer: PVOID,
+    BufferLength: u32,
+));
+pub type PFN_VMB_CHANNEL_PNP_FAILURE = kmcl_pfn!((Channel: VMBCHANNEL, FailureStatus: NtStatus));
+pub type PFN_VMB_CHANNEL_SAVE_PACKET = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    Packet: VMBPACKET,
+    SaveBuf: PVOID,
+    SaveBufSize: u32,
+    BytesNeeded: *mut u32,
+) -> NtStatus);
+pub type PFN_VMB_CHANNEL_RESTORE_PACKET = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    LibBuf: PVOID,
+    LibBufSize: u32,
+    SaveBuf: PVOID,
+    SaveBufSize: u32,
+) -> NtStatus);
+
+/// `VMB_CHANNEL_STATE_CHANGE_CALLBACKS` (Version 1, Size 48 on 64-bit).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct VMB_CHANNEL_STATE_CHANGE_CALLBACKS {
+    pub Version: u32,
+    pub Size: u32,
+    pub EvtChannelOpened: PFN_VMB_CHANNEL_OPENED,
+    pub EvtChannelClosed: PFN_VMB_CHANNEL_CLOSED,
+    pub EvtChannelSuspend: PFN_VMB_CHANNEL_SUSPEND,
+    pub EvtChannelStarted: PFN_VMB_CHANNEL_STARTED,
+    pub EvtChannelPostStarted: PFN_VMB_CHANNEL_POST_STARTED,
+}
+
+/// The only `Version` of [`VMB_CHANNEL_STATE_CHANGE_CALLBACKS`] (the header's init helper writes 1).
+pub const VMB_CHANNEL_STATE_CHANGE_CALLBACKS_VERSION_1: u32 = 1;
+
+// ---- KMCL entry points (client V1, alphabetical as in the header) -----------------------------
+
+pub type PFN_VMB_CHANNEL_ALLOCATE = kmcl_pfn!((
+    ParentDeviceObject: PDEVICE_OBJECT,
+    IsServer: BOOLEAN,
+    Channel: *mut VMBCHANNEL,
+) -> NtStatus);
+pub type PFN_VMB_CHANNEL_CLEANUP = kmcl_pfn!((Channel: VMBCHANNEL));
+pub type PFN_VMB_CHANNEL_CREATE_GPADL_FROM_BUFFER = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    Flags: u32,
+    Buffer: PVOID,
+    ByteCount: u32,
+    GpadlHandle: *mut u32,
+) -> NtStatus);
+pub type PFN_VMB_CHANNEL_CREATE_GPADL_FROM_MDL = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    Flags: u32,
+    Mdl: PMDL,
+    StartOffsetWithinMdl: u32,
+    DataLengthWithinMdl: u32,
+    GpadlHandle: *mut u32,
+) -> NtStatus);
+pub type PFN_VMB_CHANNEL_DELETE_GPADL = kmcl_pfn!((Channel: VMBCHANNEL, GpadlHandle: u32));
+pub type PFN_VMB_CHANNEL_DISABLE = kmcl_pfn!((Channel: VMBCHANNEL));
+pub type PFN_VMB_CHANNEL_ENABLE = kmcl_pfn!((Channel: VMBCHANNEL) -> NtStatus);
+pub type PFN_VMB_CHANNEL_GET_INTERFACE_INSTANCE =
+    kmcl_pfn!((Channel: VMBCHANNEL, InterfaceInstance: *mut GUID));
+pub type PFN_VMB_CHANNEL_GET_MMIO_SPACE =
+    kmcl_pfn!((Channel: VMBCHANNEL, MmioAddress: *mut u64, MmioSize: *mut u64));
+pub type PFN_VMB_CHANNEL_GET_POINTER = kmcl_pfn!((Channel: VMBCHANNEL) -> PVOID);
+pub type PFN_VMB_CHANNEL_INIT_SET_CLIENT_CONTEXT_SIZE =
+    kmcl_pfn!((Channel: VMBCHANNEL, ContextSize: u32) -> NtStatus);
+pub type PFN_VMB_CHANNEL_INIT_SET_FLAGS = kmcl_pfn!((Channel: VMBCHANNEL, Flags: u32) -> NtStatus);
+pub type PFN_VMB_CHANNEL_INIT_SET_FRIENDLY_NAME =
+    kmcl_pfn!((Channel: VMBCHANNEL, Name: *const UNICODE_STRING) -> NtStatus);
+pub type PFN_VMB_CHANNEL_INIT_SET_MAXIMUM_EXTERNAL_DATA =
+    kmcl_pfn!((Channel: VMBCHANNEL, DataSize: u32, ChainLength: u32) -> NtStatus);
+pub type PFN_VMB_CHANNEL_INIT_SET_MAXIMUM_PACKET_SIZE =
+    kmcl_pfn!((Channel: VMBCHANNEL, PacketSize: u32) -> NtStatus);
+pub type PFN_VMB_CHANNEL_INIT_SET_PROCESS_PACKET_CALLBACKS = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    ProcessPacketCallback: PFN_VMB_CHANNEL_PROCESS_PACKET,
+    ProcessingCompleteCallback: PFN_VMB_CHANNEL_PROCESSING_COMPLETE,
+) -> NtStatus);
+pub type PFN_VMB_CHANNEL_INIT_SET_STATE_CHANGE_CALLBACKS = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    StateChangeCallbacks: *mut VMB_CHANNEL_STATE_CHANGE_CALLBACKS,
+) -> NtStatus);
+pub type PFN_VMB_CHANNEL_PACKET_COMPLETE = kmcl_pfn!((
+    PacketCompletionContext: VMBPACKETCOMPLETION,
+    PacketCompletionBuffer: PVOID,
+    BufSize: u32,
+));
+pub type PFN_VMB_CHANNEL_PACKET_DEFER_TO_PASSIVE =
+    kmcl_pfn!((PacketCompletionContext: VMBPACKETCOMPLETION));
+pub type PFN_VMB_CHANNEL_PACKET_FAIL = kmcl_pfn!((PacketCompletionContext: VMBPACKETCOMPLETION));
+pub type PFN_VMB_CHANNEL_PACKET_GET_EXTERNAL_DATA = kmcl_pfn!((
+    PacketCompletionContext: VMBPACKETCOMPLETION,
+    Flags: u32,
+    Mdl: *mut PMDL,
+) -> NtStatus);
+pub type PFN_VMB_CHANNEL_PAUSE = kmcl_pfn!((Channel: VMBCHANNEL));
+pub type PFN_VMB_CHANNEL_SEND_SYNCHRONOUS_REQUEST = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    Buffer: PVOID,
+    BufferSize: u32,
+    ExternalDataMdl: PMDL,
+    Flags: u32,
+    CompletionBuffer: PVOID,
+    CompletionBufferSize: *mut u32,
+    Timeout: *mut i64,
+) -> NtStatus);
+pub type PFN_VMB_CHANNEL_SET_INCOMING_PROCESSING_AT_PASSIVE =
+    kmcl_pfn!((Channel: VMBCHANNEL, RequirePassive: BOOLEAN));
+pub type PFN_VMB_CHANNEL_SET_INTERRUPT_LATENCY = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    Latency: u16,
+    OriginalLatency: *mut u16,
+) -> NtStatus);
+pub type PFN_VMB_CHANNEL_SET_POINTER = kmcl_pfn!((Channel: VMBCHANNEL, Pointer: PVOID));
+pub type PFN_VMB_CHANNEL_SET_TRANSACTION_QUOTA = kmcl_pfn!((Channel: VMBCHANNEL, Quota: u32));
+pub type PFN_VMB_CHANNEL_SIZEOF_PACKET = kmcl_pfn!((Channel: VMBCHANNEL) -> u32);
+pub type PFN_VMB_CHANNEL_START = kmcl_pfn!((Channel: VMBCHANNEL));
+pub type PFN_VMB_CLIENT_CHANNEL_INIT_SET_RING_BUFFER_PAGE_COUNT = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    IncomingPageCount: u32,
+    OutgoingPageCount: u32,
+) -> NtStatus);
+pub type PFN_VMB_CLIENT_CHANNEL_INIT_SET_TARGET_PNP = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    InterfaceType: *const GUID,
+    InterfaceInstance: *const GUID,
+    PnpFailureCallback: PFN_VMB_CHANNEL_PNP_FAILURE,
+) -> NtStatus);
+pub type PFN_VMB_PACKET_ALLOCATE = kmcl_pfn!((Channel: VMBCHANNEL) -> VMBPACKET);
+pub type PFN_VMB_PACKET_FREE = kmcl_pfn!((VmbPacket: VMBPACKET));
+pub type PFN_VMB_PACKET_GET_CHANNEL = kmcl_pfn!((VmbPacket: VMBPACKET) -> VMBCHANNEL);
+pub type PFN_VMB_PACKET_GET_POINTER = kmcl_pfn!((VmbPacket: VMBPACKET) -> PVOID);
+pub type PFN_VMB_PACKET_INITIALIZE = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    VmbPacket: VMBPACKET,
+    ByteCount: u32,
+) -> NtStatus);
+pub type PFN_VMB_PACKET_SEND = kmcl_pfn!((
+    VmbPacket: VMBPACKET,
+    Buffer: PVOID,
+    BufferLength: u32,
+    ExternalDataMdl: PMDL,
+    Flags: u32,
+) -> NtStatus);
+pub type PFN_VMB_PACKET_SEND_WITH_EXTERNAL_MDL = kmcl_pfn!((
+    VmbPacket: VMBPACKET,
+    Buffer: PVOID,
+    BufferLength: u32,
+    ExternalDataMdl: PMDL,
+    MdlOffset: u32,
+    MdlLength: u32,
+    Flags: u32,
+) -> NtStatus);
+pub type PFN_VMB_PACKET_SEND_WITH_EXTERNAL_PFNS = kmcl_pfn!((
+    VmbPacket: VMBPACKET,
+    Buffer: PVOID,
+    BufferLength: u32,
+    ExternalDataPfns: *mut PFN_NUMBER,
+    PfnLength: u32,
+    Flags: u32,
+) -> NtStatus);
+pub type PFN_VMB_PACKET_SET_COMPLETION_ROUTINE = kmcl_pfn!((
+    VmbPacket: VMBPACKET,
+    CompletionRoutine: PFN_VMB_PACKET_COMPLETION_ROUTINE,
+));
+pub type PFN_VMB_PACKET_SET_POINTER = kmcl_pfn!((VmbPacket: VMBPACKET, Pointer: PVOID));
+
+// ---- server-only entry points (alphabetical) ---------------------------------------------------
+
+pub type PFN_VMB_CHANNEL_MAP_GPADL = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    Flags: u32,
+    GpadlHandle: u32,
+    Mdl: *mut PMDL,
+) -> NtStatus);
+pub type PFN_VMB_CHANNEL_RESTORE_FROM_BUFFER =
+    kmcl_pfn!((Channel: VMBCHANNEL, Buffer: PVOID, BufferSize: u32) -> NtStatus);
+pub type PFN_VMB_CHANNEL_SAVE_BEGIN = kmcl_pfn!((Channel: VMBCHANNEL) -> NtStatus);
+pub type PFN_VMB_CHANNEL_SAVE_CONTINUE = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    SaveBuffer: PVOID,
+    SaveBufferSize: u32,
+    BytesFilled: *mut u32,
+    BytesRequired: *mut u32,
+) -> NtStatus);
+pub type PFN_VMB_CHANNEL_SAVE_END = kmcl_pfn!((Channel: VMBCHANNEL));
+pub type PFN_VMB_CHANNEL_UNMAP_GPADL = kmcl_pfn!((Channel: VMBCHANNEL, GpadlHandle: u32));
+pub type PFN_VMB_CONVERT_VMBUS_HANDLE_TO_KERNEL_HANDLE =
+    kmcl_pfn!((VmbusHandle: HANDLE, KernelHandle: *mut HANDLE) -> NtStatus);
+pub type PFN_VMB_PACKET_RESTORE =
+    kmcl_pfn!((PacketObject: VMBPACKET, Buffer: PVOID, BufferSize: u32) -> NtStatus);
+pub type PFN_VMB_SERVER_CHANNEL_INIT_SET_FLAGS =
+    kmcl_pfn!((Channel: VMBCHANNEL, Flags: u32) -> NtStatus);
+pub type PFN_VMB_SERVER_CHANNEL_INIT_SET_MMIO_MEGABYTES = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    MmioMegabytes: u16,
+    MmioMegabytesOptional: u16,
+) -> NtStatus);
+pub type PFN_VMB_SERVER_CHANNEL_INIT_SET_SAVE_RESTORE_PACKET_CALLBACKS = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    SavePacketCallback: PFN_VMB_CHANNEL_SAVE_PACKET,
+    RestorePacketCallback: PFN_VMB_CHANNEL_RESTORE_PACKET,
+) -> NtStatus);
+pub type PFN_VMB_SERVER_CHANNEL_INIT_SET_TARGET_INTERFACE_ID = kmcl_pfn!((
+    Channel: VMBCHANNEL,
+    InterfaceType: GUID,
+    InterfaceInstance: GUID,
+) -> NtStatus);
+pub type PFN_VMB_SERVER_CHANNEL_INIT_SET_TARGET_VTL =
+    kmcl_pfn!((Channel: VMBCHANNEL, TargetVtl: u8) -> NtStatus);
+pub type PFN_VMB_SERVER_CHANNEL_INIT_SET_VMBUS_HANDLE =
+    kmcl_pfn!((Channel: VMBCHANNEL, VmbusHandle: HANDLE) -> NtStatus);
+
+/// `KMCL_CLIENT_INTERFACE_V1`: the `INTERFACE` header and 41 entry points, alphabetical.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KMCL_CLIENT_INTERFACE_V1 {
+    pub Interface: INTERFACE,
+    pub VmbChannelAllocate: PFN_VMB_CHANNEL_ALLOCATE,
+    pub VmbChannelCleanup: PFN_VMB_CHANNEL_CLEANUP,
+    pub VmbChannelCreateGpadlFromBuffer: PFN_VMB_CHANNEL_CREATE_GPADL_FROM_BUFFER,
+    pub VmbChannelCreateGpadlFromMdl: PFN_VMB_CHANNEL_CREATE_GPADL_FROM_MDL,
+    pub VmbChannelDeleteGpadl: PFN_VMB_CHANNEL_DELETE_GPADL,
+    pub VmbChannelDisable: PFN_VMB_CHANNEL_DISABLE,
+    pub VmbChannelEnable: PFN_VMB_CHANNEL_ENABLE,
+    pub VmbChannelGetInterfaceInstance: PFN_VMB_CHANNEL_GET_INTERFACE_INSTANCE,
+    pub VmbChannelGetMmioSpace: PFN_VMB_CHANNEL_GET_MMIO_SPACE,
+    pub VmbChannelGetPointer: PFN_VMB_CHANNEL_GET_POINTER,
+    pub VmbChannelInitSetClientContextSize: PFN_VMB_CHANNEL_INIT_SET_CLIENT_CONTEXT_SIZE,
+    pub VmbChannelInitSetFlags: PFN_VMB_CHANNEL_INIT_SET_FLAGS,
+    pub VmbChannelInitSetFriendlyName: PFN_VMB_CHANNEL_INIT_SET_FRIENDLY_NAME,
+    pub VmbChannelInitSetMaximumExternalData: PFN_VMB_CHANNEL_INIT_SET_MAXIMUM_EXTERNAL_DATA,
+    pub VmbChannelInitSetMaximumPacketSize: PFN_VMB_CHANNEL_INIT_SET_MAXIMUM_PACKET_SIZE,
+    pub VmbChannelInitSetProcessPacketCallbacks: PFN_VMB_CHANNEL_INIT_SET_PROCESS_PACKET_CALLBACKS,
+    pub VmbChannelInitSetStateChangeCallbacks: PFN_VMB_CHANNEL_INIT_SET_STATE_CHANGE_CALLBACKS,
+    pub VmbChannelPacketComplete: PFN_VMB_CHANNEL_PACKET_COMPLETE,
+    pub VmbChannelPacketDeferToPassive: PFN_VMB_CHANNEL_PACKET_DEFER_TO_PASSIVE,
+    pub VmbChannelPacketFail: PFN_VMB_CHANNEL_PACKET_FAIL,
+    pub VmbChannelPacketGetExternalData: PFN_VMB_CHANNEL_PACKET_GET_EXTERNAL_DATA,
+    pub VmbChannelPause: PFN_VMB_CHANNEL_PAUSE,
+    pub VmbChannelSendSynchronousRequest: PFN_VMB_CHANNEL_SEND_SYNCHRONOUS_REQUEST,
+    pub VmbChannelSetIncomingProcessingAtPassive:
+        PFN_VMB_CHANNEL_SET_INCOMING_PROCESSING_AT_PASSIVE,
+    pub VmbChannelSetInterruptLatency: PFN_VMB_CHANNEL_SET_INTERRUPT_LATENCY,
+    pub VmbChannelSetPointer: PFN_VMB_CHANNEL_SET_POINTER,
+    pub VmbChannelSetTransactionQuota: PFN_VMB_CHANNEL_SET_TRANSACTION_QUOTA,
+    pub VmbChannelSizeofPacket: PFN_VMB_CHANNEL_SIZEOF_PACKET,
+    pub VmbChannelStart: PFN_VMB_CHANNEL_START,
+    pub VmbClientChannelInitSetRingBufferPageCount:
+        PFN_VMB_CLIENT_CHANNEL_INIT_SET_RING_BUFFER_PAGE_COUNT,
+    pub VmbClientChannelInitSetTargetPnp: PFN_VMB_CLIENT_CHANNEL_INIT_SET_TARGET_PNP,
+    pub VmbPacketAllocate: PFN_VMB_PACKET_ALLOCATE,
+    pub VmbPacketFree: PFN_VMB_PACKET_FREE,
+    pub VmbPacketGetChannel: PFN_VMB_PACKET_GET_CHANNEL,
+    pub VmbPacketGetPointer: PFN_VMB_PACKET_GET_POINTER,
+    pub VmbPacketInitialize: PFN_VMB_PACKET_INITIALIZE,
+    pub VmbPacketSend: PFN_VMB_PACKET_SEND,
+    pub VmbPacketSendWithExternalMdl: PFN_VMB_PACKET_SEND_WITH_EXTERNAL_MDL,
+    pub VmbPacketSendWithExternalPfns: PFN_VMB_PACKET_SEND_WITH_EXTERNAL_PFNS,
+    pub VmbPacketSetCompletionRoutine: PFN_VMB_PACKET_SET_COMPLETION_ROUTINE,
+    pub VmbPacketSetPointer: PFN_VMB_PACKET_SET_POINTER,
+}
+
+/// `KMCL_SERVER_ONLY_METHODS`: 14 server-only entry points, alphabetical, no header of its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KMCL_SERVER_ONLY_METHODS {
+    pub VmbChannelMapGpadl: PFN_VMB_CHANNEL_MAP_GPADL,
+    pub VmbChannelRestoreFromBuffer: PFN_VMB_CHANNEL_RESTORE_FROM_BUFFER,
+    pub VmbChannelSaveBegin: PFN_VMB_CHANNEL_SAVE_BEGIN,
+    pub VmbChannelSaveContinue: PFN_VMB_CHANNEL_SAVE_CONTINUE,
+    pub VmbChannelSaveEnd: PFN_VMB_CHANNEL_SAVE_END,
+    pub VmbChannelUnmapGpadl: PFN_VMB_CHANNEL_UNMAP_GPADL,
+    pub VmbConvertVmbusHandleToKernelHandle: PFN_VMB_CONVERT_VMBUS_HANDLE_TO_KERNEL_HANDLE,
+    pub VmbPacketRestore: PFN_VMB_PACKET_RESTORE,
+    pub VmbServerChannelInitSetFlags: PFN_VMB_SERVER_CHANNEL_INIT_SET_FLAGS,
+    pub VmbServerChannelInitSetMmioMegabytes: PFN_VMB_SERVER_CHANNEL_INIT_SET_MMIO_MEGABYTES,
+    pub VmbServerChannelInitSetSaveRestorePacketCallbacks:
+        PFN_VMB_SERVER_CHANNEL_INIT_SET_SAVE_RESTORE_PACKET_CALLBACKS,
+    pub VmbServerChannelInitSetTargetInterfaceId:
+        PFN_VMB_SERVER_CHANNEL_INIT_SET_TARGET_INTERFACE_ID,
+    pub VmbServerChannelInitSetTargetVtl: PFN_VMB_SERVER_CHANNEL_INIT_SET_TARGET_VTL,
+    pub VmbServerChannelInitSetVmbusHandle: PFN_VMB_SERVER_CHANNEL_INIT_SET_VMBUS_HANDLE,
+}
+
+/// `KMCL_SERVER_INTERFACE_V1`: the client V1 table followed by the server-only methods.
+///
+/// The C definition embeds both as anonymous members, so the layout is flat; nesting the two
+/// `#[repr(C)]` structs gives the same offsets because both are 8-byte aligned with no tail padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KMCL_SERVER_INTERFACE_V1 {
+    pub Client: KMCL_CLIENT_INTERFACE_V1,
+    pub Server: KMCL_SERVER_ONLY_METHODS,
+}
+
+// ---- flag constants (header values) ------------------------------------------------------------
+
+pub const VMBUS_CHANNEL_FORMAT_FLAG_WAIT_FOR_COMPLETION: u32 = 0x1;
+pub const VMBUS_CHANNEL_FORMAT_FLAG_FORCE_MDL_LENGTH: u32 = 0x2;
+pub const VMBUS_CHANNEL_FORMAT_FLAG_PAGED_BUFFER: u32 = 0x4;
+pub const VMBUS_CHANNEL_FORMAT_FLAGS: u32 = 0x7;
+pub const VMBUS_CHANNEL_GPADL_FLAG_READ_ONLY: u32 = 0x1;
+pub const VMBUS_CHANNEL_GPADL_FLAGS: u32 = 0x1;
+pub const VMBUS_CHANNEL_INIT_FLAG_IS_PIPE: u32 = 0x1;
+pub const VMBUS_CHANNEL_INIT_FLAGS: u32 = 0x1;
+pub const VMBUS_SERVER_CHANNEL_INIT_FLAG_LOOPBACK_OFFER: u32 = 0x1;
+pub const VMBUS_SERVER_CHANNEL_INIT_FLAG_ENUMERATE_DEVICE_INTERFACE: u32 = 0x2;
+pub const VMBUS_SERVER_CHANNEL_INIT_FLAG_OFFER_AS_PIPE: u32 = 0x4;
+pub const VMBUS_SERVER_CHANNEL_INIT_FLAG_FORCE_NEW_CHANNEL: u32 = 0x8;
+pub const VMBUS_SERVER_CHANNEL_INIT_FLAG_TLNPI_PROVIDER_OFFER: u32 = 0x10;
+pub const VMBUS_SERVER_CHANNEL_INIT_FLAGS: u32 = 0x1F;
+pub const VMBUS_CHANNEL_PROCESS_PACKET_FLAG_EXTERNAL_DATA: u32 = 0x1;
+pub const VMBUS_CHANNEL_PROCESS_PACKET_FLAGS: u32 = 0x1;
+pub const VMBUS_CHANNEL_PACKET_EXTERNAL_DATA_FLAG_READ_ONLY: u32 = 0x1;
+pub const VMBUS_CHANNEL_PACKET_EXTERNAL_DATA_FLAGS: u32 = 0x1;
+pub const VMBUS_SERVER_CHANNEL_INIT_MAXIMUM_OFFER_DATA: u32 = 120;
+
+/// `KMCL_CLIENT_INTERFACE_VERSION_V1` (observed: queried with Version 1 and Size 0x168).
+pub const KMCL_CLIENT_INTERFACE_VERSION_V1: u16 = 1;
+
+#[cfg(all(test, target_pointer_width = "64"))]
+mod tests {
+    use core::mem::{align_of, offset_of, size_of};
+
+    use super::*;
+
+    /// Every client V1 slot with its documented x64 offset (kmcl-reference §1.3).
+    const CLIENT_OFFSETS: [(usize, usize); 41] = [
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelAllocate),
+            0x20,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelCleanup),
+            0x28,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelCreateGpadlFromBuffer),
+            0x30,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelCreateGpadlFromMdl),
+            0x38,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelDeleteGpadl),
+            0x40,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelDisable),
+            0x48,
+        ),
+        (offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelEnable), 0x50),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelGetInterfaceInstance),
+            0x58,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelGetMmioSpace),
+            0x60,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelGetPointer),
+            0x68,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelInitSetClientContextSize),
+            0x70,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelInitSetFlags),
+            0x78,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelInitSetFriendlyName),
+            0x80,
+        ),
+        (
+            offset_of!(
+                KMCL_CLIENT_INTERFACE_V1,
+                VmbChannelInitSetMaximumExternalData
+            ),
+            0x88,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelInitSetMaximumPacketSize),
+            0x90,
+        ),
+        (
+            offset_of!(
+                KMCL_CLIENT_INTERFACE_V1,
+                VmbChannelInitSetProcessPacketCallbacks
+            ),
+            0x98,
+        ),
+        (
+            offset_of!(
+                KMCL_CLIENT_INTERFACE_V1,
+                VmbChannelInitSetStateChangeCallbacks
+            ),
+            0xA0,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelPacketComplete),
+            0xA8,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelPacketDeferToPassive),
+            0xB0,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelPacketFail),
+            0xB8,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelPacketGetExternalData),
+            0xC0,
+        ),
+        (offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelPause), 0xC8),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelSendSynchronousRequest),
+            0xD0,
+        ),
+        (
+            offset_of!(
+                KMCL_CLIENT_INTERFACE_V1,
+                VmbChannelSetIncomingProcessingAtPassive
+            ),
+            0xD8,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelSetInterruptLatency),
+            0xE0,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelSetPointer),
+            0xE8,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelSetTransactionQuota),
+            0xF0,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelSizeofPacket),
+            0xF8,
+        ),
+        (offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelStart), 0x100),
+        (
+            offset_of!(
+                KMCL_CLIENT_INTERFACE_V1,
+                VmbClientChannelInitSetRingBufferPageCount
+            ),
+            0x108,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbClientChannelInitSetTargetPnp),
+            0x110,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbPacketAllocate),
+            0x118,
+        ),
+        (offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbPacketFree), 0x120),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbPacketGetChannel),
+            0x128,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbPacketGetPointer),
+            0x130,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbPacketInitialize),
+            0x138,
+        ),
+        (offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbPacketSend), 0x140),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbPacketSendWithExternalMdl),
+            0x148,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbPacketSendWithExternalPfns),
+            0x150,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbPacketSetCompletionRoutine),
+            0x158,
+        ),
+        (
+            offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbPacketSetPointer),
+            0x160,
+        ),
+    ];
+
+    /// Every server-only slot with its offset inside `KMCL_SERVER_INTERFACE_V1` (§1.4).
+    const SERVER_OFFSETS: [(usize, usize); 14] = [
+        (
+            offset_of!(KMCL_SERVER_ONLY_METHODS, VmbChannelMapGpadl),
+            0x168,
+        ),
+        (
+            offset_of!(KMCL_SERVER_ONLY_METHODS, VmbChannelRestoreFromBuffer),
+            0x170,
+        ),
+        (
+            offset_of!(KMCL_SERVER_ONLY_METHODS, VmbChannelSaveBegin),
+            0x178,
+        ),
+        (
+            offset_of!(KMCL_SERVER_ONLY_METHODS, VmbChannelSaveContinue),
+            0x180,
+        ),
+        (
+            offset_of!(KMCL_SERVER_ONLY_METHODS, VmbChannelSaveEnd),
+            0x188,
+        ),
+        (
+            offset_of!(KMCL_SERVER_ONLY_METHODS, VmbChannelUnmapGpadl),
+            0x190,
+        ),
+        (
+            offset_of!(
+                KMCL_SERVER_ONLY_METHODS,
+                VmbConvertVmbusHandleToKernelHandle
+            ),
+            0x198,
+        ),
+        (
+            offset_of!(KMCL_SERVER_ONLY_METHODS, VmbPacketRestore),
+            0x1A0,
+        ),
+        (
+            offset_of!(KMCL_SERVER_ONLY_METHODS, VmbServerChannelInitSetFlags),
+            0x1A8,
+        ),
+        (
+            offset_of!(
+                KMCL_SERVER_ONLY_METHODS,
+                VmbServerChannelInitSetMmioMegabytes
+            ),
+            0x1B0,
+        ),
+        (
+            offset_of!(
+                KMCL_SERVER_ONLY_METHODS,
+                VmbServerChannelInitSetSaveRestorePacketCallbacks
+            ),
+            0x1B8,
+        ),
+        (
+            offset_of!(
+                KMCL_SERVER_ONLY_METHODS,
+                VmbServerChannelInitSetTargetInterfaceId
+            ),
+            0x1C0,
+        ),
+        (
+            offset_of!(KMCL_SERVER_ONLY_METHODS, VmbServerChannelInitSetTargetVtl),
+            0x1C8,
+        ),
+        (
+            offset_of!(KMCL_SERVER_ONLY_METHODS, VmbServerChannelInitSetVmbusHandle),
+            0x1D0,
+        ),
+    ];
+
+    #[test]
+    fn interface_header_layout() {
+        assert_eq!(size_of::<INTERFACE>(), 32);
+        assert_eq!(align_of::<INTERFACE>(), 8);
+        assert_eq!(offset_of!(INTERFACE, Size), 0);
+        assert_eq!(offset_of!(INTERFACE, Version), 2);
+        assert_eq!(offset_of!(INTERFACE, Context), 8);
+        assert_eq!(offset_of!(INTERFACE, InterfaceReference), 16);
+        assert_eq!(offset_of!(INTERFACE, InterfaceDereference), 24);
+    }
+
+    #[test]
+    fn client_interface_v1_layout() {
+        assert_eq!(offset_of!(KMCL_CLIENT_INTERFACE_V1, Interface), 0);
+        for (index, (actual, documented)) in CLIENT_OFFSETS.iter().enumerate() {
+            assert_eq!(actual, documented, "client slot {index}");
+        }
+        // 41 slots, in order, each exactly one pointer wide.
+        for (index, (offset, _)) in CLIENT_OFFSETS.iter().enumerate() {
+            assert_eq!(
+                *offset,
+                0x20 + 8 * index,
+                "client slot {index} not contiguous"
+            );
+        }
+        assert_eq!(size_of::<KMCL_CLIENT_INTERFACE_V1>(), 0x168);
+        assert_eq!(align_of::<KMCL_CLIENT_INTERFACE_V1>(), 8);
+    }
+
+    #[test]
+    fn server_interface_v1_layout() {
+        let server_base = offset_of!(KMCL_SERVER_INTERFACE_V1, Server);
+        assert_eq!(offset_of!(KMCL_SERVER_INTERFACE_V1, Client), 0);
+        assert_eq!(server_base, 0x168);
+        for (index, (relative, documented)) in SERVER_OFFSETS.iter().enumerate() {
+            // The table lists offsets inside the whole server interface.
+            let in_server_only = documented - 0x168;
+            assert_eq!(*relative, in_server_only, "server-only slot {index}");
+            assert_eq!(server_base + relative, *documented, "server slot {index}");
+        }
+        assert_eq!(size_of::<KMCL_SERVER_ONLY_METHODS>(), 14 * 8);
+        assert_eq!(size_of::<KMCL_SERVER_INTERFACE_V1>(), 0x1D8);
+        assert_eq!(align_of::<KMCL_SERVER_INTERFACE_V1>(), 8);
+    }
+
+    #[test]
+    fn state_change_callbacks_layout() {
+        type Callbacks = VMB_CHANNEL_STATE_CHANGE_CALLBACKS;
+        assert_eq!(size_of::<Callbacks>(), 48);
+        assert_eq!(offset_of!(Callbacks, Version), 0);
+        assert_eq!(offset_of!(Callbacks, Size), 4);
+        assert_eq!(offset_of!(Callbacks, EvtChannelOpened), 8);
+        assert_eq!(offset_of!(Callbacks, EvtChannelClosed), 16);
+        assert_eq!(offset_of!(Callbacks, EvtChannelSuspend), 24);
+        assert_eq!(offset_of!(Callbacks, EvtChannelStarted), 32);
+        assert_eq!(offset_of!(Callbacks, EvtChannelPostStarted), 40);
+    }
+
+    #[test]
+    fn scalar_and_handle_layouts() {
+        assert_eq!(size_of::<GUID>(), 16);
+        assert_eq!(align_of::<GUID>(), 4);
+        assert_eq!(offset_of!(GUID, Data4), 8);
+        assert_eq!(size_of::<UNICODE_STRING>(), 16);
+        assert_eq!(offset_of!(UNICODE_STRING, Buffer), 8);
+        assert_eq!(size_of::<VMBCHANNEL>(), 8);
+        assert_eq!(size_of::<VMBPACKET>(), 8);
+        assert_eq!(size_of::<VMBPACKETCOMPLETION>(), 8);
+        assert_eq!(size_of::<NtStatus>(), 4);
+        // A nullable function pointer is exactly one pointer (the niche makes `None` NULL).
+        assert_eq!(size_of::<PFN_VMB_PACKET_SEND>(), 8);
+    }
+
+    #[test]
+    fn flag_masks_cover_their_flags() {
+        assert_eq!(
+            VMBUS_CHANNEL_FORMAT_FLAG_WAIT_FOR_COMPLETION
+                | VMBUS_CHANNEL_FORMAT_FLAG_FORCE_MDL_LENGTH
+                | VMBUS_CHANNEL_FORMAT_FLAG_PAGED_BUFFER,
+            VMBUS_CHANNEL_FORMAT_FLAGS
+        );
+        assert_eq!(
+            VMBUS_SERVER_CHANNEL_INIT_FLAG_LOOPBACK_OFFER
+                | VMBUS_SERVER_CHANNEL_INIT_FLAG_ENUMERATE_DEVICE_INTERFACE
+                | VMBUS_SERVER_CHANNEL_INIT_FLAG_OFFER_AS_PIPE
+                | VMBUS_SERVER_CHANNEL_INIT_FLAG_FORCE_NEW_CHANNEL
+                | VMBUS_SERVER_CHANNEL_INIT_FLAG_TLNPI_PROVIDER_OFFER,
+            VMBUS_SERVER_CHANNEL_INIT_FLAGS
+        );
+    }
+}
