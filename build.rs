@@ -1,1 +1,2 @@
+//! Build script (placeholder until the Windows build configuration lands).
 fn main() {}

@@ -25,6 +25,7 @@ extern crate alloc;
 #[cfg(any(not(target_os = "windows"), test, feature = "std"))]
 extern crate std;
 
+pub mod fallible;
 pub mod kmcl;
 pub mod saved;
 pub mod vsp;
