@@ -38,16 +38,19 @@ fn channel() -> ChannelRecord {
     }
 }
 
-/// Valid encodings under test, each with a decoder that reports only success or failure.
-fn samples() -> Vec<(&'static str, Vec<u8>, fn(&[u8]) -> Result<(), RestoreError>)> {
+/// A decoder reduced to success or failure, so record types can share the loops below.
+type Decode = fn(&[u8]) -> Result<(), RestoreError>;
+
+/// Valid encodings under test, each with its decoder.
+fn samples() -> Vec<(&'static str, Vec<u8>, Decode)> {
     fn enc(rec: &DeliveryRecord, ext: &[Extension<'_>]) -> Vec<u8> {
         let mut buf = vec![0u8; 512];
         let n = rec.encode_with_extensions(ext, &mut buf).unwrap();
         buf.truncate(n);
         buf
     }
-    let d: fn(&[u8]) -> Result<(), RestoreError> = |b| DeliveryRecord::decode(b).map(drop);
-    let c: fn(&[u8]) -> Result<(), RestoreError> = |b| ChannelRecord::decode(b).map(drop);
+    let d: Decode = |b| DeliveryRecord::decode(b).map(drop);
+    let c: Decode = |b| ChannelRecord::decode(b).map(drop);
     let mut chan = vec![0u8; 104];
     channel().encode(&mut chan).unwrap();
     let unknown = [
