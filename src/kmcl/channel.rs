@@ -544,6 +544,17 @@ impl GuestBytes<'_> {
         self.len == 0
     }
 
+    /// Copies the first `min(len, destination.len())` bytes; returns the copy.
+    pub fn copy_prefix_to<'d>(&self, destination: &'d mut [u8]) -> &'d [u8] {
+        let count = self.len.min(destination.len());
+        let prefix = GuestBytes {
+            pointer: self.pointer,
+            len: count,
+            _lifetime: PhantomData,
+        };
+        prefix.copy_to(destination).unwrap_or(&[])
+    }
+
     /// Copies the bytes into `destination` if they fit; returns the copy, or `None` (nothing copied).
     pub fn copy_to<'d>(&self, destination: &'d mut [u8]) -> Option<&'d [u8]> {
         let target = destination.get_mut(..self.len)?;
