@@ -84,7 +84,7 @@ pub enum InterfaceError {
     },
     /// The header has no `InterfaceDereference`, so the reference could never be returned.
     NoDereference,
-    /// The handle accessors differ from those of a table already in use (see [`callback_accessors`]).
+    /// The handle accessors differ from those of a table already in use (see `callback_accessors`).
     AccessorMismatch,
 }
 
