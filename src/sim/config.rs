@@ -1,0 +1,377 @@
+//! Simulator settings: the undocumented KMCL behaviours (kmcl-reference §7) as switches, resource
+//! bounds, and the fault plan.
+
+use std::time::Duration;
+use std::vec::Vec;
+
+use crate::kmcl::NtStatus;
+
+/// Every slot of `KMCL_SERVER_INTERFACE_V1`, in table order (kmcl-reference §1.3, §1.4).
+///
+/// Used to count calls per kind, to aim faults at the k-th call of a kind, and to name the call a
+/// [`Violation`](super::Violation) was recorded in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[allow(missing_docs)] // one variant per table slot, named after the slot without the `Vmb` prefix
+pub enum KmclCall {
+    ChannelAllocate,
+    ChannelCleanup,
+    ChannelCreateGpadlFromBuffer,
+    ChannelCreateGpadlFromMdl,
+    ChannelDeleteGpadl,
+    ChannelDisable,
+    ChannelEnable,
+    ChannelGetInterfaceInstance,
+    ChannelGetMmioSpace,
+    ChannelGetPointer,
+    ChannelInitSetClientContextSize,
+    ChannelInitSetFlags,
+    ChannelInitSetFriendlyName,
+    ChannelInitSetMaximumExternalData,
+    ChannelInitSetMaximumPacketSize,
+    ChannelInitSetProcessPacketCallbacks,
+    ChannelInitSetStateChangeCallbacks,
+    ChannelPacketComplete,
+    ChannelPacketDeferToPassive,
+    ChannelPacketFail,
+    ChannelPacketGetExternalData,
+    ChannelPause,
+    ChannelSendSynchronousRequest,
+    ChannelSetIncomingProcessingAtPassive,
+    ChannelSetInterruptLatency,
+    ChannelSetPointer,
+    ChannelSetTransactionQuota,
+    ChannelSizeofPacket,
+    ChannelStart,
+    ClientChannelInitSetRingBufferPageCount,
+    ClientChannelInitSetTargetPnp,
+    PacketAllocate,
+    PacketFree,
+    PacketGetChannel,
+    PacketGetPointer,
+    PacketInitialize,
+    PacketSend,
+    PacketSendWithExternalMdl,
+    PacketSendWithExternalPfns,
+    PacketSetCompletionRoutine,
+    PacketSetPointer,
+    ChannelMapGpadl,
+    ChannelRestoreFromBuffer,
+    ChannelSaveBegin,
+    ChannelSaveContinue,
+    ChannelSaveEnd,
+    ChannelUnmapGpadl,
+    ConvertVmbusHandleToKernelHandle,
+    PacketRestore,
+    ServerChannelInitSetFlags,
+    ServerChannelInitSetMmioMegabytes,
+    ServerChannelInitSetSaveRestorePacketCallbacks,
+    ServerChannelInitSetTargetInterfaceId,
+    ServerChannelInitSetTargetVtl,
+    ServerChannelInitSetVmbusHandle,
+}
+
+impl KmclCall {
+    /// Number of table slots (41 client V1 + 14 server-only).
+    pub const COUNT: usize = 55;
+
+    /// Every slot, in table order.
+    pub const ALL: [KmclCall; Self::COUNT] = {
+        use KmclCall::*;
+        [
+            ChannelAllocate,
+            ChannelCleanup,
+            ChannelCreateGpadlFromBuffer,
+            ChannelCreateGpadlFromMdl,
+            ChannelDeleteGpadl,
+            ChannelDisable,
+            ChannelEnable,
+            ChannelGetInterfaceInstance,
+            ChannelGetMmioSpace,
+            ChannelGetPointer,
+            ChannelInitSetClientContextSize,
+            ChannelInitSetFlags,
+            ChannelInitSetFriendlyName,
+            ChannelInitSetMaximumExternalData,
+            ChannelInitSetMaximumPacketSize,
+            ChannelInitSetProcessPacketCallbacks,
+            ChannelInitSetStateChangeCallbacks,
+            ChannelPacketComplete,
+            ChannelPacketDeferToPassive,
+            ChannelPacketFail,
+            ChannelPacketGetExternalData,
+            ChannelPause,
+            ChannelSendSynchronousRequest,
+            ChannelSetIncomingProcessingAtPassive,
+            ChannelSetInterruptLatency,
+            ChannelSetPointer,
+            ChannelSetTransactionQuota,
+            ChannelSizeofPacket,
+            ChannelStart,
+            ClientChannelInitSetRingBufferPageCount,
+            ClientChannelInitSetTargetPnp,
+            PacketAllocate,
+            PacketFree,
+            PacketGetChannel,
+            PacketGetPointer,
+            PacketInitialize,
+            PacketSend,
+            PacketSendWithExternalMdl,
+            PacketSendWithExternalPfns,
+            PacketSetCompletionRoutine,
+            PacketSetPointer,
+            ChannelMapGpadl,
+            ChannelRestoreFromBuffer,
+            ChannelSaveBegin,
+            ChannelSaveContinue,
+            ChannelSaveEnd,
+            ChannelUnmapGpadl,
+            ConvertVmbusHandleToKernelHandle,
+            PacketRestore,
+            ServerChannelInitSetFlags,
+            ServerChannelInitSetMmioMegabytes,
+            ServerChannelInitSetSaveRestorePacketCallbacks,
+            ServerChannelInitSetTargetInterfaceId,
+            ServerChannelInitSetTargetVtl,
+            ServerChannelInitSetVmbusHandle,
+        ]
+    };
+
+    /// Position in [`KmclCall::ALL`] (the slot index in the server table).
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Whether an injected [`Fault`] can change this call's result: the call returns an
+    /// `NTSTATUS` or (for `VmbPacketAllocate`) a handle that can be NULL. Faults aimed at `VOID`
+    /// calls are never taken.
+    pub const fn is_fallible(self) -> bool {
+        use KmclCall::*;
+        !matches!(
+            self,
+            ChannelCleanup
+                | ChannelDeleteGpadl
+                | ChannelDisable
+                | ChannelGetInterfaceInstance
+                | ChannelGetMmioSpace
+                | ChannelGetPointer
+                | ChannelPacketComplete
+                | ChannelPacketDeferToPassive
+                | ChannelPacketFail
+                | ChannelPause
+                | ChannelSetIncomingProcessingAtPassive
+                | ChannelSetPointer
+                | ChannelSetTransactionQuota
+                | ChannelSizeofPacket
+                | ChannelStart
+                | PacketFree
+                | PacketGetChannel
+                | PacketGetPointer
+                | PacketSetCompletionRoutine
+                | PacketSetPointer
+                | ChannelSaveEnd
+                | ChannelUnmapGpadl
+        )
+    }
+}
+
+/// One injected failure: the `nth` call (1-based, counted over the simulator instance's lifetime)
+/// of kind `call` returns `status` (or NULL for `VmbPacketAllocate`) without any other effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// The call kind to fail.
+    pub call: KmclCall,
+    /// Which call of that kind fails, 1-based, counted since the instance was created (see
+    /// [`Kmcl::call_count`](super::Kmcl::call_count) to plan a sweep).
+    pub nth: u64,
+    /// If true, every call from the `nth` on fails, not only the `nth`.
+    pub sticky: bool,
+    /// The status returned (ignored for `VmbPacketAllocate`, which returns NULL).
+    pub status: NtStatus,
+}
+
+/// A list of [`Fault`]s. Faults are checked after the handle has been validated (a bad handle is
+/// still reported as a violation) and before the call has any effect.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// The faults, in any order.
+    pub faults: Vec<Fault>,
+}
+
+impl FaultPlan {
+    /// No faults.
+    pub fn new() -> FaultPlan {
+        FaultPlan::default()
+    }
+
+    /// Adds: the `nth` call of `call` fails with `status`.
+    pub fn fail_nth(mut self, call: KmclCall, nth: u64, status: NtStatus) -> FaultPlan {
+        self.faults.push(Fault {
+            call,
+            nth,
+            sticky: false,
+            status,
+        });
+        self
+    }
+
+    /// Adds: every call of `call` from the `nth` on fails with `status`.
+    pub fn fail_from(mut self, call: KmclCall, nth: u64, status: NtStatus) -> FaultPlan {
+        self.faults.push(Fault {
+            call,
+            nth,
+            sticky: true,
+            status,
+        });
+        self
+    }
+
+    /// Adds: the `nth` `VmbPacketAllocate` returns NULL.
+    pub fn fail_nth_packet_allocate(self, nth: u64) -> FaultPlan {
+        self.fail_nth(
+            KmclCall::PacketAllocate,
+            nth,
+            NtStatus::INSUFFICIENT_RESOURCES,
+        )
+    }
+
+    /// The fault (if any) that applies to call number `count` (1-based) of kind `call`.
+    pub(crate) fn find(&self, call: KmclCall, count: u64) -> Option<NtStatus> {
+        if !call.is_fallible() {
+            return None;
+        }
+        self.faults
+            .iter()
+            .find(|f| f.call == call && (f.nth == count || (f.sticky && count >= f.nth)))
+            .map(|f| f.status)
+    }
+}
+
+/// kmcl-reference §7.4: the channel state `VmbChannelSaveBegin` requires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SaveRequires {
+    /// Default (conservative): the channel must not be running (paused by `VmbChannelPause`, or
+    /// never started / closed). Saving a running channel is refused with
+    /// `STATUS_INVALID_DEVICE_STATE` and recorded as a violation.
+    #[default]
+    Paused,
+    /// A running channel may be saved; packets that complete between `VmbChannelSaveBegin` and
+    /// the `VmbChannelSaveContinue` that would save them are skipped.
+    AnyState,
+}
+
+/// kmcl-reference §7.6: incoming (guest → host) packets not yet completed at `VmbChannelSaveBegin`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IncomingAtSave {
+    /// Default: `VmbChannelSaveBegin` fails with `STATUS_INVALID_DEVICE_STATE` (no violation: the
+    /// driver may complete them and retry). With [`SaveRequires::Paused`] this cannot happen,
+    /// because a pause waits for every incoming packet to be completed.
+    #[default]
+    Refuse,
+    /// They are not saved (the guest never gets their completion after a restore).
+    NotSaved,
+}
+
+/// kmcl-reference §7.4: when `VmbChannelRestoreFromBuffer` is accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RestoreTiming {
+    /// Default: on an initialised channel **before** `VmbChannelEnable`. Chosen because the
+    /// restored packet objects must exist before the guest's existing channel reconnects: after
+    /// Enable, the guest's pending completions could be processed before the packets they
+    /// complete were restored.
+    #[default]
+    BeforeEnable,
+    /// Only after `VmbChannelEnable` and before the channel is started (completions are only
+    /// processed while started, so nothing can race the restore).
+    AfterEnable,
+}
+
+/// kmcl-reference §7.5: the `SaveBufSize` the restore callback receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RestoreSaveBufSize {
+    /// Default: exactly the `BytesNeeded` the save callback reported.
+    #[default]
+    AsReported,
+    /// The size of the buffer the save handed to the second save call (`BytesNeeded` +
+    /// [`SimConfig::save_buffer_slack`]), with the extra bytes **zero** (the driver's decoder is
+    /// expected to accept trailing zero padding; garbage there would be indistinguishable from
+    /// corruption).
+    PaddedWithZeros,
+}
+
+/// kmcl-reference §7.7: the completion routine and context pointer of a restored packet.
+///
+/// A restored packet never has the routine/pointer of the packet that was saved (function
+/// pointers and addresses cannot survive migration); the question is what the *new* packet
+/// object keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RestoredPacketContext {
+    /// Default: `VmbPacketRestore` keeps the routine and pointer the driver set on the fresh
+    /// packet before calling it, and changing the completion routine of a packet the library
+    /// owns (in flight, including restored) is a violation — proving the driver sets them first,
+    /// the only order that is safe under either reading.
+    #[default]
+    KeepSetBeforeRestore,
+    /// `VmbPacketRestore` resets routine and pointer (as if it re-initialised the object); the
+    /// driver must set them after a successful restore, which this mode allows.
+    ResetOnRestore,
+}
+
+/// Simulator settings. `SimConfig::default()` is the conservative reading of every undocumented
+/// point; each field says what the other reading does.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// §7.4 — state required by `VmbChannelSaveBegin`.
+    pub save_requires: SaveRequires,
+    /// §7.6 — incoming packets outstanding at `VmbChannelSaveBegin`.
+    pub incoming_at_save: IncomingAtSave,
+    /// §7.4 — when a restore is accepted.
+    pub restore_timing: RestoreTiming,
+    /// §7.5 — `SaveBufSize` passed to the restore callback.
+    pub restore_save_buf_size: RestoreSaveBufSize,
+    /// Whether packet objects allocated but never sent are presented to the save callback
+    /// (default `false`: only packets the library owns, i.e. in flight, are saved). If `true`,
+    /// such a packet is saved as "idle" and `VmbPacketRestore` gives back an idle packet the
+    /// driver owns.
+    pub save_unsent_packets: bool,
+    /// §7.7 — routine/pointer of restored packets.
+    pub restored_packet_context: RestoredPacketContext,
+    /// Packet objects per channel (`VmbPacketAllocate` returns NULL beyond it). Default 64.
+    pub packet_pool_size: usize,
+    /// Host → guest ring capacity in packets; more sends wait on the channel's host queue.
+    /// Default 16.
+    pub ring_capacity: usize,
+    /// Maximum packet size of a channel that never called
+    /// `VmbChannelInitSetMaximumPacketSize`. Default 4096.
+    pub default_max_packet_size: u32,
+    /// Extra bytes (beyond `BytesNeeded`) of the buffer given to the second save-callback call;
+    /// the whole buffer is pre-filled with `0xCC`. Default 32.
+    pub save_buffer_slack: u32,
+    /// Largest `BytesNeeded` a save callback may ask for (bigger is a violation). Default 1 MiB.
+    pub max_save_bytes_per_packet: u32,
+    /// How long a blocking call (Pause, Disable, waits for the driver to complete incoming
+    /// packets after Suspend, `wait_idle`) waits before it records a
+    /// [`ViolationKind::Hang`](super::ViolationKind::Hang) and gives up. Default 5 s.
+    pub hang_timeout: Duration,
+    /// Faults to inject from the start.
+    pub faults: FaultPlan,
+}
+
+impl Default for SimConfig {
+    fn default() -> SimConfig {
+        SimConfig {
+            save_requires: SaveRequires::default(),
+            incoming_at_save: IncomingAtSave::default(),
+            restore_timing: RestoreTiming::default(),
+            restore_save_buf_size: RestoreSaveBufSize::default(),
+            save_unsent_packets: false,
+            restored_packet_context: RestoredPacketContext::default(),
+            packet_pool_size: 64,
+            ring_capacity: 16,
+            default_max_packet_size: 4096,
+            save_buffer_slack: 32,
+            max_save_bytes_per_packet: 1 << 20,
+            hang_timeout: Duration::from_secs(5),
+            faults: FaultPlan::default(),
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Handles as tokens: every `VMBCHANNEL`, `VMBPACKET`, `VMBPACKETCOMPLETION`, interface context and
+//! device object the simulator hands out is an integer that encodes (instance id, object sequence
+//! number, object type). The simulator never dereferences a handle: it decodes it and looks the
+//! object up, so a stale, foreign or garbage handle is detected without undefined behaviour.
+//!
+//! Layout (64-bit): `instance (24 bits) << 40 | sequence (32 bits) << 8 | tag (8 bits)`. Sequence
+//! numbers are never reused within an instance and instance ids never within a process, so a
+//! freed handle stays recognisable as freed forever.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use super::state::Shared;
+
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("the KMCL simulator encodes handles in 64-bit pointers");
+
+/// What a handle names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A `VMBCHANNEL`.
+    Channel = 0x11,
+    /// A `VMBPACKET`.
+    Packet = 0x22,
+    /// A `VMBPACKETCOMPLETION`.
+    Completion = 0x33,
+    /// The `INTERFACE.Context` of a queried table (names the bus).
+    Bus = 0x44,
+    /// The `PDEVICE_OBJECT` a driver passes to `VmbChannelAllocate`.
+    Device = 0x55,
+}
+
+impl Kind {
+    fn from_tag(tag: u8) -> Option<Kind> {
+        match tag {
+            0x11 => Some(Kind::Channel),
+            0x22 => Some(Kind::Packet),
+            0x33 => Some(Kind::Completion),
+            0x44 => Some(Kind::Bus),
+            0x55 => Some(Kind::Device),
+            _ => None,
+        }
+    }
+}
+
+/// A decoded handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Token {
+    pub(crate) instance: u32,
+    pub(crate) seq: u32,
+    pub(crate) kind: Kind,
+}
+
+const INSTANCE_BITS: u32 = 24;
+
+/// Encodes a token as the address of a handle.
+pub(crate) fn encode(instance: u32, seq: u32, kind: Kind) -> usize {
+    ((instance as usize & ((1 << INSTANCE_BITS) - 1)) << 40) | ((seq as usize) << 8) | kind as usize
+}
+
+/// Decodes a handle address; `None` if it cannot be a simulator handle (NULL, wrong tag).
+pub(crate) fn decode(address: usize) -> Option<Token> {
+    let kind = Kind::from_tag((address & 0xFF) as u8)?;
+    let instance = (address >> 40) as u32;
+    if instance == 0 {
+        return None;
+    }
+    Some(Token {
+        instance,
+        seq: ((address >> 8) & 0xFFFF_FFFF) as u32,
+        kind,
+    })
+}
+
+/// Makes a pointer-typed handle from a token address (no provenance: it is never dereferenced).
+pub(crate) fn to_ptr<T>(address: usize) -> *mut T {
+    core::ptr::without_provenance_mut(address)
+}
+
+/// The address of a pointer-typed handle.
+pub(crate) fn addr<T>(pointer: *mut T) -> usize {
+    pointer.addr()
+}
+
+static NEXT_INSTANCE: AtomicU32 = AtomicU32::new(1);
+static INSTANCES: Mutex<BTreeMap<u32, Weak<Shared>>> = Mutex::new(BTreeMap::new());
+
+/// A fresh instance id (never 0, never reused).
+pub(crate) fn next_instance_id() -> u32 {
+    NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed) & ((1 << INSTANCE_BITS) - 1)
+}
+
+/// Makes an instance reachable from its handles.
+pub(crate) fn register(id: u32, shared: &Arc<Shared>) {
+    INSTANCES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(id, Arc::downgrade(shared));
+}
+
+/// Removes an instance (its handles become unknown).
+pub(crate) fn unregister(id: u32) {
+    INSTANCES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&id);
+}
+
+/// The live instance with this id.
+pub(crate) fn lookup(id: u32) -> Option<Arc<Shared>> {
+    INSTANCES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&id)
+        .and_then(Weak::upgrade)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let a = encode(5, 0xDEAD_BEEF, Kind::Packet);
+        assert_eq!(
+            decode(a),
+            Some(Token {
+                instance: 5,
+                seq: 0xDEAD_BEEF,
+                kind: Kind::Packet
+            })
+        );
+        assert_ne!(a, 0);
+        let p: *mut u8 = to_ptr(a);
+        assert_eq!(addr(p), a);
+    }
+
+    #[test]
+    fn garbage_is_not_a_handle() {
+        assert_eq!(decode(0), None);
+        assert_eq!(decode(0x1000), None);
+        // Right tag but instance 0.
+        assert_eq!(decode(0x0000_0000_0000_0111), None);
+        assert!(lookup(0x00FF_FFFF).is_none());
+    }
+}
