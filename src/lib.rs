@@ -17,12 +17,17 @@
 //! * `sim` — a user-mode KMCL implementing the same function table (feature `sim`).
 //!
 //! The whole crate is `no_std` + `alloc` on every target, so the code that runs in the kernel is
-//! the code the Linux tests run. Off Windows, `std` is linked (never imported by the kernel
-//! modules) only to give the host `cdylib` a panic handler and allocator, and for the simulator.
+//! the code the Linux tests run. Outside the Windows driver build, `std` is linked — never
+//! imported by the kernel modules — only to give the `cdylib` a panic handler and an allocator,
+//! and for the simulator.
 #![no_std]
 
 extern crate alloc;
-#[cfg(any(not(target_os = "windows"), test, feature = "std"))]
+#[cfg(any(
+    not(all(target_os = "windows", feature = "driver")),
+    test,
+    feature = "std"
+))]
 extern crate std;
 
 pub mod fallible;

@@ -8,6 +8,7 @@ pub(crate) mod abi;
 mod callbacks;
 mod channel;
 mod interface;
+pub mod interface_id;
 pub mod raw;
 mod status;
 

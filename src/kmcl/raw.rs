@@ -6,7 +6,7 @@
 //! asserted in `tests` below; a wrong member shifts a later offset and fails the build's tests.
 //!
 //! The interface GUIDs (`KMCL_SERVER_INTERFACE_TYPE`, `KMCL_CLIENT_INTERFACE_TYPE`) are not public
-//! and are deliberately **not** here: see the `interface_id` module.
+//! and are deliberately **not** here: see [`super::interface_id`].
 #![allow(non_camel_case_types, non_snake_case, missing_docs)]
 
 use core::ffi::c_void;
