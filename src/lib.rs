@@ -15,6 +15,8 @@
 //! * [`vsp`] — the service: guest protocol, delivery table, save/restore callbacks, control requests.
 //! * `driver` — KMDF glue, compiled only for Windows targets with the `driver` feature.
 //! * `sim` — a user-mode KMCL implementing the same function table (feature `sim`).
+//! * `scenario` — end-to-end scenarios over the simulator: a guest model and the exactly-once
+//!   ledger (feature `sim`).
 //!
 //! The whole crate is `no_std` + `alloc` on every target, so the code that runs in the kernel is
 //! the code the Linux tests run. Outside the Windows driver build, `std` is linked — never
@@ -40,3 +42,6 @@ mod driver;
 
 #[cfg(feature = "sim")]
 pub mod sim;
+
+#[cfg(feature = "sim")]
+pub mod scenario;

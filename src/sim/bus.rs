@@ -149,6 +149,13 @@ impl Kmcl {
         handle::to_ptr(self.shared.handle(0, Kind::Device))
     }
 
+    /// [`Kmcl::parent_device`] as the `ParentDevice` a driver passes to channel allocation.
+    pub fn parent_device(&self) -> crate::kmcl::ParentDevice {
+        // SAFETY: the device object names this instance, which outlives every channel allocated
+        // under it (`Kmcl::finish`/drop reports channels not cleaned up).
+        unsafe { crate::kmcl::ParentDevice::new(self.device_object()) }
+    }
+
     /// Interface references currently held.
     pub fn interface_references(&self) -> i64 {
         self.shared.lock().iface_refs

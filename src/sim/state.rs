@@ -1645,16 +1645,10 @@ impl Shared {
                 format!("second save call set BytesNeeded = {needed_again} > buffer size {alloc}"),
             );
         }
-        if buffer
-            .get(needed as usize..)
-            .is_some_and(|tail| tail.iter().any(|b| *b != 0xCC))
-        {
-            self.lock().violation(
-                ViolationKind::SaveCallbackProtocol,
-                call,
-                format!("save callback wrote past the {needed} bytes it asked for"),
-            );
-        }
+        // The buffer is `_Out_writes_bytes_(SaveBufSize)`: the callback may write all of it (vmbsrv
+        // zeroes the slack so no stale pool bytes survive). The library keeps the `needed` bytes
+        // the probe asked for; the 0xCC pre-fill makes a callback that leaves part of those
+        // unwritten visible to the driver's own decoder at restore time.
         buffer.truncate(needed as usize);
         Ok((buffer, alloc))
     }

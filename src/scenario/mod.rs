@@ -1,0 +1,44 @@
+//! End-to-end scenarios over the simulator (feature `sim`): a guest that speaks vmbsrv's
+//! protocol, a host control client, and the [`Ledger`] that checks exactly-once delivery.
+//!
+//! This is the only module that knows both the simulator and the service. The simulator stays
+//! ignorant of vmbsrv's protocol and format, so a bug in the service cannot hide behind a
+//! matching one in the simulator; the guest model here checks every payload on its own.
+//! The end-to-end tests, the `live_migration` example (the main job) and the benches use it.
+
+pub mod guest;
+pub mod ledger;
+pub mod migration;
+
+pub use guest::GuestModel;
+pub use ledger::{Ledger, Posted, Verdict};
+pub use migration::{Cut, MigrationConfig, MigrationReport, run_live_migration};
+
+/// A small deterministic generator (SplitMix64): scenarios must replay exactly from a seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A value in `0..bound` (0 when `bound` is 0).
+    pub fn below(&mut self, bound: u64) -> u64 {
+        if bound == 0 {
+            0
+        } else {
+            self.next_u64() % bound
+        }
+    }
+}
