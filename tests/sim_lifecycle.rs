@@ -39,14 +39,26 @@ fn query_interface_follows_irp_mn_query_interface() {
     );
     assert_eq!(kmcl.interface_references(), 0);
     let table = kmcl
-        .query_interface(&SIM_KMCL_SERVER_INTERFACE_TYPE, size + 8, SIM_KMCL_SERVER_INTERFACE_VERSION)
+        .query_interface(
+            &SIM_KMCL_SERVER_INTERFACE_TYPE,
+            size + 8,
+            SIM_KMCL_SERVER_INTERFACE_VERSION,
+        )
         .expect("a larger buffer is fine");
     assert_eq!(table.Client.Interface.Size, size);
     assert_eq!(table.Client.Interface.Version, 1);
-    assert_eq!(kmcl.interface_references(), 1, "the query takes one reference");
+    assert_eq!(
+        kmcl.interface_references(),
+        1,
+        "the query takes one reference"
+    );
     // Every one of the 55 slots (and both header functions) is filled.
     assert!(!format!("{table:?}").contains("None"));
-    let reference = table.Client.Interface.InterfaceReference.expect("reference");
+    let reference = table
+        .Client
+        .Interface
+        .InterfaceReference
+        .expect("reference");
     // SAFETY: the simulator's InterfaceReference with the Context the query returned.
     unsafe { reference(table.Client.Interface.Context) };
     assert_eq!(kmcl.interface_references(), 2);
@@ -69,7 +81,11 @@ fn callbacks_fire_in_documented_order() {
     assert!(!info.enabled);
     let g = Guest::new(TYPE_ID, instance_id(1));
     kmcl.attach_guest(&g).expect("attach");
-    assert_eq!(g.open(), Err(GuestError::NotOffered), "not offered before Enable");
+    assert_eq!(
+        g.open(),
+        Err(GuestError::NotOffered),
+        "not offered before Enable"
+    );
 
     assert_eq!(d.enable(), NtStatus::SUCCESS);
     g.open().expect("open");
@@ -82,11 +98,19 @@ fn callbacks_fire_in_documented_order() {
     assert_eq!(d.states(), vec![Ev::Opened, Ev::Started, Ev::PostStarted]);
     assert!(kmcl.channel_info(ch).expect("info").queue_running);
     // All state-change callbacks ran at PASSIVE.
-    assert!(d.events_irql().iter().all(|(_, irql)| *irql == Irql::Passive));
+    assert!(
+        d.events_irql()
+            .iter()
+            .all(|(_, irql)| *irql == Irql::Passive)
+    );
 
     d.clear();
     d.pause();
-    assert_eq!(d.states(), vec![Ev::Suspend], "Pause returns after Suspend ran");
+    assert_eq!(
+        d.states(),
+        vec![Ev::Suspend],
+        "Pause returns after Suspend ran"
+    );
     d.start();
     kmcl.wait_idle();
     assert_eq!(d.states(), vec![Ev::Suspend, Ev::Started, Ev::PostStarted]);
@@ -99,12 +123,22 @@ fn callbacks_fire_in_documented_order() {
     kmcl.wait_idle();
     assert_eq!(
         d.states(),
-        vec![Ev::Suspend, Ev::Closed, Ev::Opened, Ev::Started, Ev::PostStarted]
+        vec![
+            Ev::Suspend,
+            Ev::Closed,
+            Ev::Opened,
+            Ev::Started,
+            Ev::PostStarted
+        ]
     );
 
     d.clear();
     d.disable();
-    assert_eq!(d.states(), vec![Ev::Suspend, Ev::Closed], "Disable waits for both");
+    assert_eq!(
+        d.states(),
+        vec![Ev::Suspend, Ev::Closed],
+        "Disable waits for both"
+    );
     assert_eq!(g.state(), GuestChannelState::Rescinded);
     assert!(!kmcl.channel_info(ch).expect("info").enabled);
     d.cleanup();
@@ -191,7 +225,10 @@ fn requests_are_processed_at_dispatch_only_while_started() {
     assert_eq!(process[0].1, Irql::Dispatch);
     // Process only after Started/PostStarted began; batch end reported.
     let names: Vec<_> = d.events();
-    let started = names.iter().position(|e| *e == Ev::Started).expect("started");
+    let started = names
+        .iter()
+        .position(|e| *e == Ev::Started)
+        .expect("started");
     let processed = names
         .iter()
         .position(|e| matches!(e, Ev::Process(_)))
@@ -267,7 +304,10 @@ fn packet_fail_stops_the_queue_until_restart() {
     d.pause();
     d.start();
     kmcl.wait_idle();
-    assert_eq!(g.take_reply(r2), Some(Reply::Completed(b"re:good".to_vec())));
+    assert_eq!(
+        g.take_reply(r2),
+        Some(Reply::Completed(b"re:good".to_vec()))
+    );
     teardown(&kmcl, &d);
     assert_eq!(kmcl.finish(), vec![]);
 }
@@ -279,10 +319,23 @@ fn pause_waits_for_incoming_completion_in_suspend() {
     d.behave().incoming = IncomingMode::Hold;
     let r = g.send_request(b"held").expect("send");
     kmcl.wait_idle();
-    assert_eq!(kmcl.channel_info(d.ch()).expect("info").incoming_outstanding, 1);
+    assert_eq!(
+        kmcl.channel_info(d.ch())
+            .expect("info")
+            .incoming_outstanding,
+        1
+    );
     d.pause(); // Suspend completes the held packet.
-    assert_eq!(g.take_reply(r), Some(Reply::Completed(b"cancelled".to_vec())));
-    assert_eq!(kmcl.channel_info(d.ch()).expect("info").incoming_outstanding, 0);
+    assert_eq!(
+        g.take_reply(r),
+        Some(Reply::Completed(b"cancelled".to_vec()))
+    );
+    assert_eq!(
+        kmcl.channel_info(d.ch())
+            .expect("info")
+            .incoming_outstanding,
+        0
+    );
     teardown(&kmcl, &d);
     assert_eq!(kmcl.finish(), vec![]);
 }
@@ -296,11 +349,23 @@ fn transaction_quota_limits_outstanding_incoming() {
     g.send_request(b"a").expect("send");
     g.send_request(b"b").expect("send");
     kmcl.wait_idle();
-    assert_eq!(d.events().iter().filter(|e| matches!(e, Ev::Process(_))).count(), 1);
+    assert_eq!(
+        d.events()
+            .iter()
+            .filter(|e| matches!(e, Ev::Process(_)))
+            .count(),
+        1
+    );
     let pc = d.held.lock().unwrap().pop().expect("held");
     complete(pc, b"ok");
     kmcl.wait_idle();
-    assert_eq!(d.events().iter().filter(|e| matches!(e, Ev::Process(_))).count(), 2);
+    assert_eq!(
+        d.events()
+            .iter()
+            .filter(|e| matches!(e, Ev::Process(_)))
+            .count(),
+        2
+    );
     teardown(&kmcl, &d);
     assert_eq!(kmcl.finish(), vec![]);
 }
@@ -316,7 +381,10 @@ fn outgoing_packets_complete_in_any_order_with_guest_payload() {
     let got = g.receive_all();
     assert_eq!(got.len(), 3);
     assert_eq!(got[1].bytes, b"msg2");
-    let txids: Vec<u64> = got.iter().map(|p| p.txid.expect("wants completion")).collect();
+    let txids: Vec<u64> = got
+        .iter()
+        .map(|p| p.txid.expect("wants completion"))
+        .collect();
     // Out of order, arbitrary payloads.
     g.complete(txids[2], &[0xFF; 3]).expect("complete");
     g.complete(txids[0], b"").expect("complete");
@@ -342,7 +410,10 @@ fn outgoing_packets_complete_in_any_order_with_guest_payload() {
     kmcl.wait_idle();
     assert_eq!(d.completions().len(), 3);
     assert_eq!(g.ignored_completions(), 2);
-    assert_eq!(kmcl.channel_info(d.ch()).expect("info").packets_allocated, 0);
+    assert_eq!(
+        kmcl.channel_info(d.ch()).expect("info").packets_allocated,
+        0
+    );
     teardown(&kmcl, &d);
     assert_eq!(kmcl.finish(), vec![]);
 }
@@ -396,7 +467,11 @@ fn disable_and_guest_close_cancel_packets_in_flight() {
     g.close().expect("close");
     kmcl.wait_idle();
     let c = d.completions();
-    assert_eq!(c.len(), 2, "both sent packets were in the ring or read: {c:?}");
+    assert_eq!(
+        c.len(),
+        2,
+        "both sent packets were in the ring or read: {c:?}"
+    );
     assert!(c.iter().all(|(_, s, _)| *s == NtStatus::CANCELLED));
     d.post(3, b"c");
     kmcl.wait_idle();
@@ -424,11 +499,17 @@ fn sends_without_completion_and_default_routine() {
     assert!(!p.is_null());
     assert_eq!(d.send(p, b"x"), NtStatus::SUCCESS);
     kmcl.wait_idle();
-    assert_eq!(kmcl.channel_info(d.ch()).expect("info").packets_allocated, 1);
+    assert_eq!(
+        kmcl.channel_info(d.ch()).expect("info").packets_allocated,
+        1
+    );
     let got = g.receive().expect("packet");
     g.complete(got.txid.expect("txid"), b"").expect("complete");
     kmcl.wait_idle();
-    assert_eq!(kmcl.channel_info(d.ch()).expect("info").packets_allocated, 0);
+    assert_eq!(
+        kmcl.channel_info(d.ch()).expect("info").packets_allocated,
+        0
+    );
     // Fire-and-forget synchronous request (the only form the host may use).
     let mut timeout: i64 = 0;
     let status = kcall!(
@@ -455,12 +536,18 @@ fn packet_pool_is_bounded_and_pointers_round_trip() {
     let ch = d.create(&kmcl, 14);
     let a = d.packet(1);
     let b = d.packet(2);
-    assert!(kcall!(Client.VmbPacketAllocate, ch).is_null(), "pool exhausted");
+    assert!(
+        kcall!(Client.VmbPacketAllocate, ch).is_null(),
+        "pool exhausted"
+    );
     assert_eq!(kcall!(Client.VmbPacketGetChannel, a), ch);
     assert_eq!(kcall!(Client.VmbPacketGetPointer, b).addr(), 2);
     let mut context = 5u32;
     kcall!(Client.VmbChannelSetPointer, ch, (&raw mut context).cast());
-    assert_eq!(kcall!(Client.VmbChannelGetPointer, ch), (&raw mut context).cast());
+    assert_eq!(
+        kcall!(Client.VmbChannelGetPointer, ch),
+        (&raw mut context).cast()
+    );
     let mut guid = GUID::default();
     kcall!(Client.VmbChannelGetInterfaceInstance, ch, &mut guid);
     assert_eq!(guid, instance_id(14));
@@ -473,9 +560,11 @@ fn packet_pool_is_bounded_and_pointers_round_trip() {
 #[test]
 fn faults_fail_the_kth_call_and_calls_are_counted() {
     let kmcl = kmcl_with(|c| {
-        c.faults = FaultPlan::new()
-            .fail_nth_packet_allocate(2)
-            .fail_nth(KmclCall::ChannelEnable, 1, NtStatus::INSUFFICIENT_RESOURCES);
+        c.faults = FaultPlan::new().fail_nth_packet_allocate(2).fail_nth(
+            KmclCall::ChannelEnable,
+            1,
+            NtStatus::INSUFFICIENT_RESOURCES,
+        );
     });
     let d = Driver::new();
     let ch = d.create(&kmcl, 15);

@@ -798,7 +798,20 @@ impl Shared {
             return;
         };
         match c.lifecycle {
-            Lifecycle::Disabled => return,
+            Lifecycle::Disabled => {
+                // Never enabled (or already disabled): packets restored into it are still in
+                // flight and are cancelled like those of a running channel.
+                if c.in_flight.is_empty() && c.host_queue.is_empty() {
+                    return;
+                }
+                st.cancel_in_flight(seq, true);
+                self.notify();
+                let st = self.wait_until(st, Some(call), "cancelled packets", |st| {
+                    st.dpc_busy != Some(seq) && !st.dpc_work.iter().any(|w| w.channel == seq)
+                });
+                drop(st);
+                return;
+            }
             Lifecycle::Enabled => c.lifecycle = Lifecycle::Disabling,
             Lifecycle::Disabling => {}
         }

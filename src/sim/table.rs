@@ -1241,3 +1241,27 @@ pub(crate) fn server_table(context: usize) -> KMCL_SERVER_INTERFACE_V1 {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_simulator_panic_becomes_a_violation_and_the_neutral_value() {
+        let status = guard(KmclCall::PacketSend, NtStatus::INVALID_PARAMETER, || {
+            panic!("simulated simulator bug")
+        });
+        assert_eq!(status, NtStatus::INVALID_PARAMETER);
+        let violations = verifier::take_unattributed_violations();
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].kind, ViolationKind::InternalError);
+        assert_eq!(violations[0].call, Some(KmclCall::PacketSend));
+    }
+
+    #[test]
+    fn the_table_has_every_slot() {
+        let table = server_table(handle::encode(1, 0, Kind::Bus));
+        assert!(!std::format!("{table:?}").contains("None"));
+        assert_eq!(usize::from(table.Client.Interface.Size), 0x1D8);
+    }
+}

@@ -54,8 +54,8 @@ pub enum ViolationKind {
     /// `InterfaceDereference` called more often than references were taken.
     InterfaceOverReleased,
     /// A save-packet callback broke the two-call protocol (success with `BytesNeeded != 0`,
-    /// failure without a size, a too-large size, failure of the second call, writes past
-    /// `BytesNeeded`).
+    /// failure without a size, a too-large size, failure of the second call, a second
+    /// `BytesNeeded` larger than the buffer).
     SaveCallbackProtocol,
     /// Save calls out of order (Continue without Begin, Begin twice, Continue after the end).
     SaveSequence,

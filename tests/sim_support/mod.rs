@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use vmbsrv::kmcl::NtStatus;
 use vmbsrv::kmcl::raw::*;
-use vmbsrv::sim::{self, Irql, Kmcl, SIM_KMCL_SERVER_INTERFACE_TYPE, SIM_KMCL_SERVER_INTERFACE_VERSION};
+use vmbsrv::sim::{
+    self, Irql, Kmcl, SIM_KMCL_SERVER_INTERFACE_TYPE, SIM_KMCL_SERVER_INTERFACE_VERSION,
+};
 
 /// Defines a callback with the KMCL ABI (the tests' copy of the crate-private `kmcl_fn!`).
 #[cfg(target_arch = "x86_64")]
@@ -56,15 +58,17 @@ static TABLE: OnceLock<Table> = OnceLock::new();
 
 /// The entry points (identical in every simulator instance's table; only `Context` differs).
 pub fn t() -> &'static KMCL_SERVER_INTERFACE_V1 {
-    &TABLE.get_or_init(|| {
-        let kmcl = Kmcl::default();
-        let table = kmcl
-            .query_interface(&SIM_KMCL_SERVER_INTERFACE_TYPE, 472, 1)
-            .expect("query");
-        release(&table);
-        assert!(kmcl.finish().is_empty());
-        Table(table)
-    }).0
+    &TABLE
+        .get_or_init(|| {
+            let kmcl = Kmcl::default();
+            let table = kmcl
+                .query_interface(&SIM_KMCL_SERVER_INTERFACE_TYPE, 472, 1)
+                .expect("query");
+            release(&table);
+            assert!(kmcl.finish().is_empty());
+            Table(table)
+        })
+        .0
 }
 
 /// Drops one interface reference.
@@ -97,10 +101,16 @@ pub enum Ev {
     PostStarted,
     Process(Vec<u8>),
     BatchDone(u32),
-    Completion { tag: usize, status: NtStatus, payload: Vec<u8> },
+    Completion {
+        tag: usize,
+        status: NtStatus,
+        payload: Vec<u8>,
+    },
     SaveProbe,
     Save,
-    Restore { save_buf: Vec<u8> },
+    Restore {
+        save_buf: Vec<u8>,
+    },
 }
 
 /// How incoming packets are handled.
@@ -165,7 +175,6 @@ pub enum Misuse {
     PauseInOpened,
     StartInStarted,
     PauseInCompletion,
-    SendInSuspend,
 }
 
 pub struct Behaviour {
@@ -283,7 +292,12 @@ impl Driver {
     /// The Init* sequence on a disabled channel.
     pub fn init(self: &Arc<Self>, ch: VMBCHANNEL, instance: u32) {
         assert_eq!(
-            kcall!(Server.VmbServerChannelInitSetTargetInterfaceId, ch, TYPE_ID, instance_id(instance)),
+            kcall!(
+                Server.VmbServerChannelInitSetTargetInterfaceId,
+                ch,
+                TYPE_ID,
+                instance_id(instance)
+            ),
             NtStatus::SUCCESS
         );
         assert_eq!(
@@ -300,7 +314,11 @@ impl Driver {
             EvtChannelPostStarted: Some(on_post_started),
         };
         assert_eq!(
-            kcall!(Client.VmbChannelInitSetStateChangeCallbacks, ch, &mut callbacks),
+            kcall!(
+                Client.VmbChannelInitSetStateChangeCallbacks,
+                ch,
+                &mut callbacks
+            ),
             NtStatus::SUCCESS
         );
         assert_eq!(
@@ -331,7 +349,11 @@ impl Driver {
             kcall!(Client.VmbChannelInitSetFriendlyName, ch, &us),
             NtStatus::SUCCESS
         );
-        kcall!(Client.VmbChannelSetPointer, ch, Arc::as_ptr(self).cast_mut().cast());
+        kcall!(
+            Client.VmbChannelSetPointer,
+            ch,
+            Arc::as_ptr(self).cast_mut().cast()
+        );
     }
 
     pub fn enable(&self) -> NtStatus {
@@ -355,7 +377,11 @@ impl Driver {
         let p = kcall!(Client.VmbPacketAllocate, self.ch());
         assert!(!p.is_null(), "allocation failed");
         kcall!(Client.VmbPacketSetCompletionRoutine, p, Some(on_completion));
-        kcall!(Client.VmbPacketSetPointer, p, ptr::without_provenance_mut(tag));
+        kcall!(
+            Client.VmbPacketSetPointer,
+            p,
+            ptr::without_provenance_mut(tag)
+        );
         p
     }
 
@@ -461,7 +487,9 @@ pub fn fail(pc: usize) {
 
 /// The driver a channel belongs to.
 fn driver<'a>(ch: VMBCHANNEL) -> Option<&'a Driver> {
-    let p = kcall!(Client.VmbChannelGetPointer, ch).cast::<Driver>().cast_const();
+    let p = kcall!(Client.VmbChannelGetPointer, ch)
+        .cast::<Driver>()
+        .cast_const();
     // SAFETY: the channel pointer was set to `Arc::as_ptr` of a Driver that every test keeps
     // alive until after the channel is cleaned up; NULL is mapped to None.
     unsafe { p.as_ref() }
@@ -501,20 +529,10 @@ kmcl_callback! {
     fn on_suspend(ch: VMBCHANNEL) {
         let Some(d) = driver(ch) else { return };
         d.record(Ev::Suspend);
-        let (complete_held, misuse) = {
-            let b = d.behave();
-            (b.complete_held_in_suspend, b.misuse)
-        };
+        let complete_held = d.behave().complete_held_in_suspend;
         if complete_held {
             for pc in std::mem::take(&mut *lock(&d.held)) {
                 complete(pc, b"cancelled");
-            }
-        }
-        if misuse == Misuse::SendInSuspend {
-            let p = kcall!(Client.VmbPacketAllocate, ch);
-            if !p.is_null() {
-                kcall!(Client.VmbPacketSetCompletionRoutine, p, Some(on_completion));
-                let _ = send_flags(p, b"late", VMBUS_CHANNEL_FORMAT_FLAG_WAIT_FOR_COMPLETION);
             }
         }
     }
@@ -690,10 +708,10 @@ kmcl_callback! {
             // SAFETY: the simulator passes `lib_size` readable bytes at `lib` for the call.
             unsafe { std::slice::from_raw_parts(lib.cast::<u8>(), lib_size as usize) }.to_vec()
         };
-        if mode == RestoreMode::WrongLibBuf {
-            if let Some(b) = lib_copy.get_mut(10) {
-                *b ^= 0xFF;
-            }
+        if mode == RestoreMode::WrongLibBuf
+            && let Some(b) = lib_copy.get_mut(10)
+        {
+            *b ^= 0xFF;
         }
         let status = kcall!(
             Server.VmbPacketRestore,
@@ -713,6 +731,7 @@ kmcl_callback! {
             kcall!(Client.VmbPacketFree, p);
             return status;
         }
+        d.spare_packet.store(p.addr(), Ordering::SeqCst);
         if mode == RestoreMode::SetAfter {
             kcall!(Client.VmbPacketSetCompletionRoutine, p, Some(on_completion));
             kcall!(Client.VmbPacketSetPointer, p, ptr::without_provenance_mut(tag));
