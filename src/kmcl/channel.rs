@@ -405,7 +405,10 @@ impl<'a, H: ChannelEvents> Packet<'a, H> {
 
     /// `VmbPacketRestore` from KMCL's saved library state; on success the packet is in flight
     /// and belongs to KMCL, exactly as after a send.
-    pub fn restore(self, lib_buf: &[u8]) -> core::result::Result<(), (NtStatus, Self)> {
+    pub fn restore(
+        self,
+        lib_buf: &[u8],
+    ) -> core::result::Result<RestoredPacket<'a, H>, (NtStatus, Self)> {
         let Ok(length) = u32::try_from(lib_buf.len()) else {
             return Err((NtStatus::INVALID_BUFFER_SIZE, self));
         };
@@ -416,7 +419,11 @@ impl<'a, H: ChannelEvents> Packet<'a, H> {
             length,
         ) else NtStatus::NOT_SUPPORTED);
         if status.is_success() {
-            Ok(())
+            Ok(RestoredPacket {
+                interface: self.interface,
+                raw: self.raw,
+                _handler: PhantomData,
+            })
         } else {
             Err((status, self))
         }
@@ -425,6 +432,34 @@ impl<'a, H: ChannelEvents> Packet<'a, H> {
     /// `VmbPacketFree`.
     pub fn free(self) {
         call!(self.interface, Client.VmbPacketFree(self.raw) else ());
+    }
+}
+
+/// A packet object that `VmbPacketRestore` just put back in flight (KMCL owns it).
+///
+/// Whether a restored packet keeps the completion routine and context pointer set before the
+/// restore is not documented. The driver sets both first (the only order safe under either
+/// reading); [`ensure_context`](Self::ensure_context) re-sets them only if the library reset them.
+pub struct RestoredPacket<'a, H> {
+    interface: &'a ServerInterface,
+    raw: VMBPACKET,
+    _handler: PhantomData<fn(&H)>,
+}
+
+impl<H: ChannelEvents> RestoredPacket<'_, H> {
+    /// Re-installs the completion routine and `token` if `VmbPacketRestore` cleared the context
+    /// pointer (and so, presumably, the routine with it). Returns whether it had to.
+    pub fn ensure_context(&self, token: NonZeroUsize) -> bool {
+        if packet_token(self.interface, self.raw) == Some(token) {
+            return false;
+        }
+        let routine = callbacks::packet_completion_routine::<H>();
+        // The packet was just restored and its completion cannot run before the channel starts.
+        call!(self.interface, Client.VmbPacketSetCompletionRoutine(self.raw, routine) else ());
+        let pointer = ptr::without_provenance_mut::<c_void>(token.get());
+        // As above.
+        call!(self.interface, Client.VmbPacketSetPointer(self.raw, pointer) else ());
+        true
     }
 }
 

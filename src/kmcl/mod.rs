@@ -14,8 +14,8 @@ mod status;
 
 pub use callbacks::{ChannelEvents, SavePacketAnswer};
 pub use channel::{
-    Channel, GuestBytes, IncomingPacket, OwnedChannel, Packet, PacketView, ParentDevice, SaveChunk,
-    VmbusHandle,
+    Channel, GuestBytes, IncomingPacket, OwnedChannel, Packet, PacketView, ParentDevice,
+    RestoredPacket, SaveChunk, VmbusHandle,
 };
 pub use interface::{InterfaceError, SERVER_INTERFACE_V1_SIZE, ServerInterface};
 pub use status::{NtStatus, Result};

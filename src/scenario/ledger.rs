@@ -46,6 +46,8 @@ pub struct Ledger {
     /// Outcomes for sequences the host never posted.
     unknown_outcomes: u64,
     migrated: u64,
+    /// Sequence numbers the host handed out more than once.
+    reused_sequences: u64,
 }
 
 impl Ledger {
@@ -56,7 +58,9 @@ impl Ledger {
 
     /// The host posted `sequence`.
     pub fn posted(&mut self, sequence: u64, posted: Posted) {
-        self.posted.insert(sequence, posted);
+        if self.posted.insert(sequence, posted).is_some() {
+            self.reused_sequences += 1;
+        }
     }
 
     /// The guest received `sequence`; `intact` says whether the payload matched its checksum.
@@ -132,6 +136,8 @@ impl Ledger {
                 verdict.delivered += 1;
             }
         }
+        // A sequence number handed out twice duplicates a message identity.
+        verdict.duplicated += self.reused_sequences;
         // An outcome or a guest receipt for a sequence never posted is a duplicate of nothing:
         // count it where it hurts most, as corruption of the sequence space.
         verdict.corrupted += self.unknown_outcomes;

@@ -42,7 +42,8 @@ use crate::sim::{
 };
 use crate::vsp::lock::HostLock;
 use crate::vsp::{
-    ChannelConfig, DeliveryTable, Outcome, OutcomeKind, PostRequest, RestoreProgress, VspChannel,
+    ChannelConfig, DeliveryTable, Outcome, OutcomeKind, PostRequest, RestoreProgress, Statistics,
+    VspChannel,
 };
 
 /// The channel type GUID scenarios offer (a test value).
@@ -154,6 +155,8 @@ pub struct MigrationReport {
     pub malformed_at_guest: u64,
     /// Total run time.
     pub total_time: Duration,
+    /// The destination channel's counters at the end.
+    pub final_statistics: Statistics,
 }
 
 impl MigrationReport {
@@ -261,14 +264,15 @@ impl Traffic<'_> {
     }
 
     /// Posts until `target` messages are posted in total; the guest reads and acknowledges part of
-    /// the traffic whenever the channel is full. `hold` stops acknowledgements near the end.
+    /// the traffic whenever the channel is full. With `hold_acks` the guest acknowledges nothing
+    /// and posting stops early once the channel is full.
     fn post_until(
         &mut self,
         target: u64,
         host: &Host<'_>,
         kmcl: &Kmcl,
         guest: &mut GuestModel,
-        hold_tail: bool,
+        hold_acks: bool,
     ) -> Result<(), ScenarioError> {
         while self.posted < target {
             let payload = self.payload();
@@ -298,26 +302,15 @@ impl Traffic<'_> {
                 Err(NtStatus::QUOTA_EXCEEDED) => {
                     kmcl.wait_idle();
                     guest.pump(&mut self.ledger);
-                    let remaining = target - self.posted;
-                    let hold = hold_tail && remaining <= u64::from(self.config.max_in_flight);
-                    if !hold || guest.held() > 0 {
-                        let count = if hold {
-                            guest.held() / 4
-                        } else {
-                            guest.held() / 2 + 1
-                        };
-                        let rng = self.config.out_of_order.then_some(&mut self.rng);
-                        guest.acknowledge(count, rng);
-                    }
-                    kmcl.wait_idle();
-                    self.drain(host);
-                    if hold
-                        && guest.held() == 0
-                        && host.channel.statistics().in_flight >= self.config.max_in_flight
-                    {
-                        // Everything is in flight and unread: the cut can come now.
+                    if hold_acks {
+                        // The channel is full and the guest acknowledges nothing: cut here.
                         return Ok(());
                     }
+                    let count = guest.held() / 2 + 1;
+                    let rng = self.config.out_of_order.then_some(&mut self.rng);
+                    guest.acknowledge(count, rng);
+                    kmcl.wait_idle();
+                    self.drain(host);
                 }
                 Err(status) => return Err(fail("post", status)),
             }
@@ -484,8 +477,14 @@ pub fn run_live_migration(config: &MigrationConfig) -> Result<MigrationReport, S
             guest
                 .open_and_negotiate(&kmcl_a)
                 .map_err(|_| fail("negotiate", NtStatus::UNSUCCESSFUL))?;
-            let hold = matches!(config.cut, Cut::EverythingInFlight(_));
-            traffic.post_until(cut_posts, &host, &kmcl_a, &mut guest, hold)?;
+            if matches!(config.cut, Cut::EverythingInFlight(_)) {
+                let burst_start = cut_posts.saturating_sub(u64::from(config.max_in_flight));
+                traffic.post_until(burst_start, &host, &kmcl_a, &mut guest, false)?;
+                traffic.settle(&host, &kmcl_a, &mut guest)?;
+                traffic.post_until(cut_posts, &host, &kmcl_a, &mut guest, true)?;
+            } else {
+                traffic.post_until(cut_posts, &host, &kmcl_a, &mut guest, false)?;
+            }
             if matches!(config.cut, Cut::NothingInFlight(_)) {
                 traffic.settle(&host, &kmcl_a, &mut guest)?;
             } else if matches!(config.cut, Cut::AfterPosts(_)) {
@@ -544,6 +543,7 @@ pub fn run_live_migration(config: &MigrationConfig) -> Result<MigrationReport, S
         }
         traffic.post_until(config.messages, &host, &kmcl_b, &mut guest, false)?;
         traffic.settle(&host, &kmcl_b, &mut guest)?;
+        report.final_statistics = host.channel.statistics();
         host.channel
             .disable()
             .map_err(|status| fail("disable", status))?;

@@ -441,7 +441,10 @@ impl<L: DispatchLock<DeliveryTable>> ChannelEvents for Vsp<L> {
         packet.set_completion_routine();
         packet.set_token(token);
         match packet.restore(lib_buf) {
-            Ok(()) => NtStatus::SUCCESS,
+            Ok(restored) => {
+                restored.ensure_context(token);
+                NtStatus::SUCCESS
+            }
             Err((status, packet)) => {
                 packet.free();
                 self.table.with(|table| table.remove_restored(token));
