@@ -95,9 +95,22 @@ impl ParentDevice {
     }
 }
 
+// SAFETY: a device object pointer is an identifier of a kernel object that lives until every
+// channel under it is cleaned up (constructor contract); it is never dereferenced here, and KMCL
+// accepts it from any thread.
+unsafe impl Send for ParentDevice {}
+// SAFETY: as above; `ParentDevice` is an immutable copy of the pointer.
+unsafe impl Sync for ParentDevice {}
+
 /// A kernel handle to a partition's VMBus, from `VmbConvertVmbusHandleToKernelHandle`.
 #[derive(Clone, Copy, Debug)]
 pub struct VmbusHandle(HANDLE);
+
+// SAFETY: a kernel handle is valid in every thread context (unlike a user handle); it is an
+// opaque value here, never dereferenced.
+unsafe impl Send for VmbusHandle {}
+// SAFETY: as above; `VmbusHandle` is an immutable copy of the handle value.
+unsafe impl Sync for VmbusHandle {}
 
 impl VmbusHandle {
     /// Wraps a kernel VMBus handle.

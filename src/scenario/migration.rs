@@ -38,9 +38,8 @@ use crate::saved::stream::{FrameKind, FrameReader, FrameWriter, frame_len};
 use crate::saved::{ChannelRecord, crc32c};
 use crate::sim::{
     Guest, Kmcl, SIM_KMCL_SERVER_INTERFACE_TYPE, SIM_KMCL_SERVER_INTERFACE_VERSION, SimConfig,
-    Violation,
+    SimSpinLock, Violation,
 };
-use crate::vsp::lock::HostLock;
 use crate::vsp::{
     ChannelConfig, DeliveryTable, Outcome, OutcomeKind, PostRequest, RestoreProgress, Statistics,
     VspChannel,
@@ -61,7 +60,8 @@ pub const SCENARIO_INSTANCE: GUID = GUID {
     Data4: *b"vmbsrvI1",
 };
 
-type Lock = HostLock<DeliveryTable>;
+/// The delivery table's lock in scenarios: the simulator's spin lock model.
+pub type Lock = SimSpinLock<DeliveryTable>;
 
 /// Where the save cuts into the traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -23,6 +23,7 @@ mod guest;
 mod handle;
 mod invoke;
 mod irql;
+mod lock;
 mod state;
 mod table;
 mod verifier;
@@ -35,6 +36,7 @@ pub use config::{
 };
 pub use guest::{Guest, GuestChannelState, GuestError, HostPacket, Reply};
 pub use irql::{Irql, IrqlGuard, current_irql, raise_irql};
+pub use lock::SimSpinLock;
 pub use verifier::{Violation, ViolationKind, take_unattributed_violations};
 
 use crate::kmcl::raw::GUID;
