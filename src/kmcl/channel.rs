@@ -22,7 +22,8 @@ pub(super) struct Bound<'a, H> {
     pub(super) handler: H,
 }
 
-/// A server channel this driver allocated; dropping it disables (if enabled) and cleans it up.
+/// A server channel this driver allocated; dropping it disables it (if it was enabled or restored
+/// into) and cleans it up.
 ///
 /// # Invariants
 /// * `raw` is a channel returned by `VmbChannelAllocate` and not yet cleaned up.
@@ -32,7 +33,8 @@ pub(super) struct Bound<'a, H> {
 pub struct OwnedChannel<'a, H: ChannelEvents> {
     bound: FallibleBox<Bound<'a, H>>,
     raw: VMBCHANNEL,
-    enabled: AtomicBool,
+    /// Enabled, or packets restored into it: `VmbChannelDisable` must run before cleanup.
+    needs_disable: AtomicBool,
 }
 
 // SAFETY: the channel handle may be used from any thread (KMCL itself calls back on arbitrary
@@ -152,7 +154,7 @@ impl ServerInterface {
         let channel = OwnedChannel {
             bound,
             raw,
-            enabled: AtomicBool::new(false),
+            needs_disable: AtomicBool::new(false),
         };
         let context: *const Bound<'_, H> = &*channel.bound;
         // The context is `*bound`, which outlives the channel (OwnedChannel invariants).
@@ -243,7 +245,7 @@ impl<'a, H: ChannelEvents> OwnedChannel<'a, H> {
     pub fn enable(&self) -> Result<()> {
         call!(self.interface(), Client.VmbChannelEnable(self.raw) else NtStatus::NOT_SUPPORTED)
             .ok()?;
-        self.enabled.store(true, Ordering::Release);
+        self.needs_disable.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -261,14 +263,15 @@ impl<'a, H: ChannelEvents> OwnedChannel<'a, H> {
     ///
     /// Outstanding outgoing packets come back through their completion routine, cancelled.
     pub fn disable(&self) {
-        if self.enabled.swap(false, Ordering::AcqRel) {
+        if self.needs_disable.swap(false, Ordering::AcqRel) {
             call!(self.interface(), Client.VmbChannelDisable(self.raw) else ());
         }
     }
 
-    /// Whether [`enable`](Self::enable) succeeded and no [`disable`](Self::disable) followed.
-    pub fn is_enabled(&self) -> bool {
-        self.enabled.load(Ordering::Acquire)
+    /// Whether [`disable`](Self::disable) has something to tear down: the channel was enabled,
+    /// or a restore put packets in flight, and no disable followed.
+    pub fn needs_disable(&self) -> bool {
+        self.needs_disable.load(Ordering::Acquire)
     }
 
     /// `VmbChannelSaveBegin`.
@@ -311,6 +314,9 @@ impl<'a, H: ChannelEvents> OwnedChannel<'a, H> {
         let Ok(size) = u32::try_from(chunk.len()) else {
             return NtStatus::INVALID_BUFFER_SIZE;
         };
+        // Restored packets are in flight even though the channel was never enabled; only
+        // VmbChannelDisable gives them back (cancelled), so teardown must call it.
+        self.needs_disable.store(true, Ordering::Release);
         // KMCL only reads the chunk (`_In_reads_bytes_`), valid for the call.
         call!(self.interface(), Server.VmbChannelRestoreFromBuffer(self.raw, chunk.as_ptr().cast_mut().cast::<c_void>(), size) else NtStatus::NOT_SUPPORTED)
     }

@@ -354,6 +354,11 @@ pub struct SimConfig {
     pub hang_timeout: Duration,
     /// Faults to inject from the start.
     pub faults: FaultPlan,
+    /// Rewrites the driver's saved bytes of the n-th restored packet (counting from 0 across the
+    /// restore) before the restore callback sees them: a saved-state file tampered with by someone
+    /// who also re-sealed the library's own container, so only the driver's validation stands
+    /// between the bytes and the kernel. `None` (default) hands them back unchanged.
+    pub tamper_driver_bytes: Option<fn(u64, &mut Vec<u8>)>,
 }
 
 impl Default for SimConfig {
@@ -372,6 +377,7 @@ impl Default for SimConfig {
             max_save_bytes_per_packet: 1 << 20,
             hang_timeout: Duration::from_secs(5),
             faults: FaultPlan::default(),
+            tamper_driver_bytes: None,
         }
     }
 }

@@ -1774,6 +1774,9 @@ impl Shared {
             if padded {
                 save_buf.resize(*driver_alloc as usize, 0);
             }
+            if let Some(tamper) = self.config.tamper_driver_bytes {
+                tamper(u64::from(packets), &mut save_buf);
+            }
             let (status, restored) = super::invoke::restore_packet(
                 self.id, restore_cb, ch_handle, seq, lib.txid, lib_bytes, &save_buf,
             );

@@ -519,9 +519,7 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
     }
 
     fn enable_and_start(&self) -> Result<()> {
-        if !self.channel.is_enabled() {
-            self.channel.enable()?;
-        }
+        self.channel.enable()?;
         self.channel.start();
         self.vsp().set_phase(Phase::Running);
         Ok(())
