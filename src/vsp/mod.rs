@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod channel;
+pub mod control;
 pub mod lock;
 pub mod protocol;
 pub mod save_protocol;
