@@ -184,16 +184,13 @@ fn print_json(config: &MigrationConfig, report: &MigrationReport) {
 fn main() -> ExitCode {
     let mut options = match parse_args() {
         Ok(options) => options,
+        Err(message) if message.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Err(message) => {
-            if !message.is_empty() {
-                eprintln!("error: {message}");
-            }
-            eprintln!("{USAGE}");
-            return if message.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            };
+            eprintln!("error: {message}\n{USAGE}");
+            return ExitCode::from(2);
         }
     };
     if !options.quiet && !options.json {

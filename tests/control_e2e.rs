@@ -13,42 +13,15 @@ use vmbsrv::scenario::migration::{
     SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, query_server_interface,
 };
 use vmbsrv::scenario::{GuestModel, Ledger, Posted};
-use vmbsrv::sim::{Guest, Kmcl, KmclCall, SimConfig};
+use vmbsrv::sim::{Guest, Kmcl, KmclCall, SimConfig, SimSpinLock};
 use vmbsrv::vsp::control::wire::{self, *};
 use vmbsrv::vsp::control::*;
-use vmbsrv::vsp::lock::{DispatchLock, HostLock};
 use vmbsrv::vsp::{DeliveryTable, Outcome, OutcomeKind};
 use zerocopy::{FromBytes, IntoBytes};
 
-/// The registry's lock in these tests.
-///
-/// It should be `HostLock`, i.e. [`HostChannelRegistry`]; but `VspChannel` is not `Send` today
-/// (its `ChannelConfig` holds `ParentDevice` and `VmbusHandle`, raw pointers without `Send`), so
-/// `HostLock<ChannelTable>` is not a `DispatchLock`. Remove this type once those two are `Send`.
-struct TestLock<T>(Mutex<T>);
-
-// SAFETY: the only non-`Send` parts of a `VspChannel` are the simulator's device-object and
-// VMBus-handle tokens, integers the simulator decodes and never dereferences, valid on any thread.
-unsafe impl<T> Send for TestLock<T> {}
-// SAFETY: as above; all access to `T` goes through the mutex.
-unsafe impl<T> Sync for TestLock<T> {}
-
-impl<T> DispatchLock<T> for TestLock<T> {
-    fn new(value: T) -> Self {
-        Self(Mutex::new(value))
-    }
-
-    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
-        let mut guard = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&mut guard)
-    }
-}
-
-type Lock = HostLock<DeliveryTable>;
-type Registry<'i> = ChannelRegistry<'i, Lock, TestLock<ChannelTable<'i, Lock>>>;
+/// The simulator's spin-lock model, for the delivery tables and for the registry's own table.
+type Lock = SimSpinLock<DeliveryTable>;
+type Registry<'i> = ChannelRegistry<'i, Lock, SimSpinLock<ChannelTable<'i, Lock>>>;
 
 const ALICE: OwnerId = OwnerId(0xA11CE);
 const BOB: OwnerId = OwnerId(0xB0B);

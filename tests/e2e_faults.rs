@@ -523,3 +523,50 @@ fn a_corrupted_payload_is_reported_as_corrupted() {
     }
     assert_eq!(kmcl.finish(), Vec::new());
 }
+
+#[test]
+fn teardown_in_the_middle_of_a_save_ends_the_save_first() {
+    for disable_explicitly in [true, false] {
+        let kmcl = Kmcl::new(sim());
+        {
+            let interface = query_server_interface(&kmcl).unwrap();
+            let guest = GuestModel::new(Guest::new(
+                vmbsrv::scenario::migration::SCENARIO_INTERFACE_TYPE,
+                vmbsrv::scenario::migration::SCENARIO_INSTANCE,
+            ));
+            kmcl.attach_guest(&guest.endpoint).unwrap();
+            let channel: VspChannel<'_, Lock> =
+                VspChannel::create(&interface, &channel_config(&kmcl, 8, 64)).unwrap();
+            guest.open_and_negotiate(&kmcl).unwrap();
+            for tag in 0..5 {
+                channel
+                    .post(&PostRequest {
+                        tag,
+                        payload: &[1, 2, 3],
+                        posted_at: 0,
+                        trace_id: None,
+                    })
+                    .unwrap();
+            }
+            kmcl.wait_idle();
+            channel.save_begin().unwrap();
+            let mut buffer = [0u8; 64];
+            channel.save_continue(&mut buffer).unwrap();
+            // A save cut short cannot be used for a migration.
+            assert_eq!(
+                channel.complete_migration(),
+                Err(NtStatus::INVALID_DEVICE_STATE)
+            );
+            if disable_explicitly {
+                channel.disable().unwrap();
+                kmcl.wait_idle();
+                assert_eq!(channel.statistics().stats.cancelled, 5);
+            }
+        }
+        assert_eq!(
+            kmcl.finish(),
+            Vec::new(),
+            "disable_explicitly = {disable_explicitly}"
+        );
+    }
+}

@@ -15,6 +15,9 @@
 //!     Restored --> Running: finish_restore (enable + start)
 //!     Running --> Saving: save_begin (freeze posts, pause, VmbChannelSaveBegin)
 //!     Saving --> Saved: save_end (every delivery saved exactly once)
+//!     Saving --> SaveFailed: save_end (a delivery missing or saved twice)
+//!     SaveFailed --> Running: resume
+//!     SaveFailed --> Saving: save_begin (retry)
 //!     Saving --> Running: resume (aborted save)
 //!     Saved --> Running: resume (aborted migration)
 //!     Saved --> Saving: save_begin (retry)
@@ -112,6 +115,8 @@ pub enum Phase {
     Migrated = 7,
     /// Disabled.
     Disabled = 8,
+    /// `save_end` found the save incomplete: its output is unusable. Resume, or save again.
+    SaveFailed = 9,
 }
 
 impl Phase {
@@ -125,6 +130,7 @@ impl Phase {
             5 => Self::Saving,
             6 => Self::Saved,
             7 => Self::Migrated,
+            9 => Self::SaveFailed,
             _ => Self::Disabled,
         }
     }
@@ -227,7 +233,9 @@ impl<L: DispatchLock<DeliveryTable>> Vsp<L> {
     fn negotiate(&self, packet: IncomingPacket<'_>, min: u32, max: u32) {
         let kind = protocol::Kind::NegotiateRequest as u16;
         let Some(version) = protocol::choose_version(min, max) else {
-            self.table.with(|table| table.stats.guest_bad_requests += 1);
+            self.table.with(|table| {
+                table.stats.guest_bad_requests = table.stats.guest_bad_requests.saturating_add(1)
+            });
             return self.reply_error(packet, kind, NtStatus::REVISION_MISMATCH);
         };
         let (accepted, capacity) = self.table.with(|table| {
@@ -238,7 +246,7 @@ impl<L: DispatchLock<DeliveryTable>> Vsp<L> {
             if accepted {
                 table.protocol_version = version;
             } else {
-                table.stats.guest_bad_requests += 1;
+                table.stats.guest_bad_requests = table.stats.guest_bad_requests.saturating_add(1);
             }
             (accepted, table.capacity())
         });
@@ -347,25 +355,31 @@ impl<L: DispatchLock<DeliveryTable>> ChannelEvents for Vsp<L> {
         let mut copy = [0u8; protocol::MAX_REQUEST_LEN];
         let copy = bytes.copy_prefix_to(&mut copy);
         let parsed = protocol::parse_request(copy, bytes.len());
-        self.table.with(|table| table.stats.guest_requests += 1);
+        self.table.with(|table| {
+            table.stats.guest_requests = table.stats.guest_requests.saturating_add(1)
+        });
         match parsed {
             Err(RequestError::Garbled) => {
-                self.table.with(|table| table.stats.guest_garbled += 1);
+                self.table.with(|table| {
+                    table.stats.guest_garbled = table.stats.guest_garbled.saturating_add(1)
+                });
                 self.incoming_stopped.store(true, Ordering::Release);
                 packet.fail();
             }
             Err(RequestError::Invalid { kind, status }) => {
-                self.table.with(|table| table.stats.guest_bad_requests += 1);
+                self.table.with(|table| {
+                    table.stats.guest_bad_requests =
+                        table.stats.guest_bad_requests.saturating_add(1)
+                });
                 self.reply_error(packet, kind, status);
             }
-            Ok(_) if flags & raw::VMBUS_CHANNEL_PROCESS_PACKET_FLAG_EXTERNAL_DATA != 0 => {
+            Ok(request) if flags & raw::VMBUS_CHANNEL_PROCESS_PACKET_FLAG_EXTERNAL_DATA != 0 => {
                 // No request of this protocol carries external data.
-                self.table.with(|table| table.stats.guest_bad_requests += 1);
-                self.reply_error(
-                    packet,
-                    protocol::Kind::NegotiateRequest as u16,
-                    NtStatus::INVALID_PARAMETER,
-                );
+                self.table.with(|table| {
+                    table.stats.guest_bad_requests =
+                        table.stats.guest_bad_requests.saturating_add(1)
+                });
+                self.reply_error(packet, request.kind() as u16, NtStatus::INVALID_PARAMETER);
             }
             Ok(Request::Negotiate { min, max }) => self.negotiate(packet, min, max),
             Ok(Request::Statistics) => self.report_statistics(packet),
@@ -460,6 +474,13 @@ pub struct VspChannel<'a, L: DispatchLock<DeliveryTable>> {
     config: ChannelConfig,
     /// Serializes control operations (save, restore, resume, disable); posts do not take it.
     busy: AtomicBool,
+}
+
+impl<L: DispatchLock<DeliveryTable>> Drop for VspChannel<'_, L> {
+    fn drop(&mut self) {
+        // The channel's own drop disables and cleans up; a save in progress must end first.
+        self.end_save_in_progress();
+    }
 }
 
 /// Holds [`VspChannel::busy`] for the length of one control operation.
@@ -645,7 +666,7 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
     /// channel record, which must be restored before the KMCL chunks. PASSIVE_LEVEL.
     pub fn save_begin(&self) -> Result<ChannelRecord> {
         let _guard = self.control()?;
-        self.expect_phase(&[Phase::Running, Phase::Saved])?;
+        self.expect_phase(&[Phase::Running, Phase::Saved, Phase::SaveFailed])?;
         let vsp = self.vsp();
         vsp.table.with(|table| table.frozen = true);
         vsp.wait_for_posts();
@@ -682,13 +703,16 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
         self.expect_phase(&[Phase::Saving])?;
         self.channel.save_end();
         let vsp = self.vsp();
-        vsp.set_phase(Phase::Saved);
         let complete = vsp
             .table
             .with(|table| table.saved_in_epoch == table.in_flight());
         if complete {
+            vsp.set_phase(Phase::Saved);
             Ok(())
         } else {
+            // KMCL did not present every delivery exactly once: this save must never be used
+            // for a migration (complete_migration refuses it).
+            vsp.set_phase(Phase::SaveFailed);
             Err(NtStatus::INVALID_DEVICE_STATE)
         }
     }
@@ -697,12 +721,20 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
     /// here, exactly once.
     pub fn resume(&self) -> Result<()> {
         let _guard = self.control()?;
-        let phase = self.expect_phase(&[Phase::Saving, Phase::Saved])?;
+        let phase = self.expect_phase(&[Phase::Saving, Phase::Saved, Phase::SaveFailed])?;
         if phase == Phase::Saving {
             self.channel.save_end();
         }
         self.resume_locked();
         Ok(())
+    }
+
+    /// `VmbChannelSaveEnd` for a save that is being abandoned (teardown in the middle of it).
+    fn end_save_in_progress(&self) {
+        if self.vsp().phase() == Phase::Saving {
+            self.channel.save_end();
+            self.vsp().set_phase(Phase::SaveFailed);
+        }
     }
 
     fn resume_locked(&self) {
@@ -812,6 +844,7 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
     /// usable for fetching outcomes and statistics. PASSIVE_LEVEL.
     pub fn disable(&self) -> Result<()> {
         let _guard = self.control()?;
+        self.end_save_in_progress();
         self.channel.disable();
         if self.vsp().phase() != Phase::Migrated {
             self.vsp().set_phase(Phase::Disabled);

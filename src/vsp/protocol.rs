@@ -115,9 +115,9 @@ pub struct NegotiateRequest {
 pub struct NegotiateReply {
     /// Header, kind [`Kind::NegotiateReply`].
     pub header: Header,
-    /// `STATUS_SUCCESS` or why the request was refused.
+    /// Always `STATUS_SUCCESS`: a refused negotiation is answered with an [`ErrorReply`].
     pub status: I32,
-    /// The chosen version (0 on failure).
+    /// The chosen version.
     pub version: U32,
     /// The largest delivery payload the host will send.
     pub max_message_len: U32,
@@ -213,6 +213,16 @@ pub enum Request {
     },
     /// Report the counters.
     Statistics,
+}
+
+impl Request {
+    /// The message kind the request arrived as.
+    pub const fn kind(self) -> Kind {
+        match self {
+            Self::Negotiate { .. } => Kind::NegotiateRequest,
+            Self::Statistics => Kind::StatisticsRequest,
+        }
+    }
 }
 
 /// Why a guest packet was not a valid request.

@@ -244,8 +244,8 @@ impl DeliveryTable {
         };
         let token = self.occupy(record).ok_or(ReserveError::Full)?;
         self.next_sequence = next;
-        self.posts_in_progress += 1;
-        self.stats.posted += 1;
+        self.posts_in_progress = self.posts_in_progress.saturating_add(1);
+        self.stats.posted = self.stats.posted.saturating_add(1);
         Ok((token, record))
     }
 
@@ -305,14 +305,14 @@ impl DeliveryTable {
             kind = OutcomeKind::Migrated;
         }
         match kind {
-            OutcomeKind::Acked => self.stats.acked += 1,
-            OutcomeKind::Nacked { .. } => self.stats.nacked += 1,
+            OutcomeKind::Acked => self.stats.acked = self.stats.acked.saturating_add(1),
+            OutcomeKind::Nacked { .. } => self.stats.nacked = self.stats.nacked.saturating_add(1),
             OutcomeKind::Corrupted => {
-                self.corrupted += 1;
-                self.stats.bad_acks += 1;
+                self.corrupted = self.corrupted.saturating_add(1);
+                self.stats.bad_acks = self.stats.bad_acks.saturating_add(1);
             }
-            OutcomeKind::BadAck => self.stats.bad_acks += 1,
-            OutcomeKind::Cancelled => self.stats.cancelled += 1,
+            OutcomeKind::BadAck => self.stats.bad_acks = self.stats.bad_acks.saturating_add(1),
+            OutcomeKind::Cancelled => self.stats.cancelled = self.stats.cancelled.saturating_add(1),
             // Counted where the delivery ends, on the destination.
             OutcomeKind::Migrated => {}
         }
@@ -356,7 +356,7 @@ impl DeliveryTable {
         let token = self
             .occupy(record)
             .ok_or(NtStatus::INSUFFICIENT_RESOURCES)?;
-        self.restored += 1;
+        self.restored = self.restored.saturating_add(1);
         Ok(token)
     }
 
