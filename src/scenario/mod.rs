@@ -5,6 +5,7 @@
 //! ignorant of vmbsrv's protocol and format, so a bug in the service cannot hide behind a
 //! matching one in the simulator; the guest model here checks every payload on its own.
 //! The end-to-end tests, the `live_migration` example (the main job) and the benches use it.
+#![forbid(unsafe_code)]
 
 pub mod guest;
 pub mod ledger;
