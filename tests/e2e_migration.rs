@@ -187,3 +187,134 @@ mod random_schedules {
         }
     }
 }
+
+mod aborted {
+    use vmbsrv::kmcl::NtStatus;
+    use vmbsrv::saved::crc32c;
+    use vmbsrv::scenario::migration::{
+        Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
+        restore_channel, save_channel,
+    };
+    use vmbsrv::scenario::{GuestModel, Ledger, Posted, Rng};
+    use vmbsrv::sim::{Guest, Kmcl};
+    use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, VspChannel};
+
+    fn drain(channel: &VspChannel<'_, Lock>, ledger: &mut Ledger) {
+        let mut outcomes = [Outcome {
+            sequence: 0,
+            tag: 0,
+            kind: OutcomeKind::Acked,
+            attempts: 0,
+        }; 64];
+        loop {
+            let count = channel.drain_outcomes(&mut outcomes);
+            outcomes[..count].iter().for_each(|o| ledger.outcome(o));
+            if count == 0 {
+                break;
+            }
+        }
+    }
+
+    fn post(channel: &VspChannel<'_, Lock>, ledger: &mut Ledger, tag: u64) {
+        let payload = tag.to_le_bytes();
+        let sequence = channel
+            .post(&PostRequest {
+                tag,
+                payload: &payload,
+                posted_at: 0,
+                trace_id: None,
+            })
+            .unwrap();
+        ledger.posted(
+            sequence,
+            Posted {
+                tag,
+                payload_crc: crc32c(&payload),
+            },
+        );
+    }
+
+    /// Save twice, resume after each (the migration is called off), then migrate for real: every
+    /// message is still delivered exactly once, and the final restore carries the right state.
+    #[test]
+    fn aborted_migrations_resume_exactly_once() {
+        let mut ledger = Ledger::new();
+        let mut rng = Rng::new(42);
+        let mut guest = GuestModel::new(Guest::new(SCENARIO_INTERFACE_TYPE, SCENARIO_INSTANCE));
+        let kmcl_a = Kmcl::new(vmbsrv::scenario::MigrationConfig::sim_for(32));
+        let stream = {
+            let interface = query_server_interface(&kmcl_a).unwrap();
+            kmcl_a.attach_guest(&guest.endpoint).unwrap();
+            let channel: VspChannel<'_, Lock> =
+                VspChannel::create(&interface, &channel_config(&kmcl_a, 32, 16)).unwrap();
+            guest.open_and_negotiate(&kmcl_a).unwrap();
+            let mut tag = 0;
+            for round in 0..2 {
+                for _ in 0..20 {
+                    post(&channel, &mut ledger, tag);
+                    tag += 1;
+                }
+                kmcl_a.wait_idle();
+                guest.pump(&mut ledger);
+                guest.acknowledge(7, Some(&mut rng));
+                kmcl_a.wait_idle();
+                drain(&channel, &mut ledger);
+                let (_stream, _, _) = save_channel(&channel, 128).unwrap();
+                assert_eq!(channel.phase(), Phase::Saved);
+                // Posting is refused while saved.
+                assert_eq!(
+                    channel.post(&PostRequest {
+                        tag: 999,
+                        payload: &[1],
+                        posted_at: 0,
+                        trace_id: None
+                    }),
+                    Err(NtStatus::INVALID_DEVICE_STATE),
+                    "round {round}"
+                );
+                channel.resume().unwrap();
+                kmcl_a.wait_idle();
+                guest.acknowledge(5, Some(&mut rng));
+                kmcl_a.wait_idle();
+                drain(&channel, &mut ledger);
+            }
+            // The real migration.
+            let (stream, _, _) = save_channel(&channel, 128).unwrap();
+            guest.endpoint.detach();
+            channel.complete_migration().unwrap();
+            kmcl_a.wait_idle();
+            drain(&channel, &mut ledger);
+            stream
+        };
+        assert_eq!(kmcl_a.finish(), Vec::new());
+        let kmcl_b = Kmcl::new(vmbsrv::scenario::MigrationConfig::sim_for(32));
+        {
+            let interface = query_server_interface(&kmcl_b).unwrap();
+            let channel: VspChannel<'_, Lock> =
+                VspChannel::create_for_restore(&interface, &channel_config(&kmcl_b, 32, 16))
+                    .unwrap();
+            restore_channel(&channel, &stream).unwrap();
+            kmcl_b.attach_guest(&guest.endpoint).unwrap();
+            kmcl_b.wait_idle();
+            // The restored channel continues the sequence space where the source left it.
+            assert_eq!(
+                channel.statistics().next_sequence,
+                ledger.posted_count() + 1
+            );
+            post(&channel, &mut ledger, 1000);
+            for _ in 0..10 {
+                kmcl_b.wait_idle();
+                guest.pump(&mut ledger);
+                guest.acknowledge(usize::MAX, Some(&mut rng));
+                kmcl_b.wait_idle();
+                drain(&channel, &mut ledger);
+            }
+            assert_eq!(channel.statistics().in_flight, 0);
+            channel.disable().unwrap();
+        }
+        assert_eq!(kmcl_b.finish(), Vec::new());
+        let verdict = ledger.verdict();
+        assert!(verdict.is_clean(), "{verdict:?}");
+        assert_eq!(verdict.delivered, 41);
+    }
+}
