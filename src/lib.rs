@@ -33,6 +33,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod fallible;
+pub mod hwcrc;
 pub mod kmcl;
 pub mod saved;
 pub mod vsp;

@@ -1,8 +1,12 @@
 //! CRC32C (Castagnoli), the one checksum every saved-state structure uses.
 //!
-//! Kept behind a single function so that a hardware path (SSE4.2 `crc32`, ARMv8 `crc32c*`) can
-//! replace the table without touching any caller. The table variant is portable, needs no CPU
-//! feature detection and no FP/SIMD state, which is what a kernel driver wants by default.
+//! Kept behind a single function so callers never see which implementation ran. The CPU's CRC32C
+//! instruction is used when [`crate::hwcrc`] finds one (SSE4.2 `crc32` on x86-64, detected once
+//! with CPUID; ARMv8 `crc32c*` on aarch64 builds with the `crc` feature); otherwise a
+//! slicing-by-16 table, which is portable and needs no CPU feature at all. Both use
+//! general-purpose registers only, so neither touches FP/SIMD state in the kernel. They are
+//! tested against each other and against the catalog check values below; docs/performance.md has
+//! the measurements behind the choice.
 
 use crc::{CRC_32_ISCSI, Crc, Table};
 
@@ -15,16 +19,103 @@ static CASTAGNOLI: Crc<u32, Table<16>> = Crc::<u32, Table<16>>::new(&CRC_32_ISCS
 /// `crc32c(b"123456789") == 0xE306_9283`.
 #[inline]
 pub fn crc32c(bytes: &[u8]) -> u32 {
+    match crate::hwcrc::crc32c(bytes) {
+        Some(crc) => crc,
+        None => table_crc32c(bytes),
+    }
+}
+
+/// The portable fallback: the `crc` crate's slicing-by-16 table.
+fn table_crc32c(bytes: &[u8]) -> u32 {
     CASTAGNOLI.checksum(bytes)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::crc32c;
+    use super::{crc32c, table_crc32c};
+
+    /// Bit-at-a-time reference: the definition, with nothing to get wrong but the polynomial.
+    fn bitwise(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &byte in bytes {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0x82F6_3B78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    /// Known CRC32C values: the catalog check value, RFC 3720 (iSCSI) B.4 vectors, and a few
+    /// classic ones.
+    const VECTORS: &[(&[u8], u32)] = &[
+        (b"", 0),
+        (b"a", 0xC1D0_4330),
+        (b"abc", 0x364B_3FB7),
+        (b"123456789", 0xE306_9283),
+        (b"The quick brown fox jumps over the lazy dog", 0x2262_0404),
+        (&[0x00; 32], 0x8A91_36AA),
+        (&[0xFF; 32], 0x62A8_AB43),
+    ];
+
+    fn ascending() -> [u8; 32] {
+        core::array::from_fn(|i| i as u8)
+    }
+
+    fn descending() -> [u8; 32] {
+        core::array::from_fn(|i| 31 - i as u8)
+    }
 
     #[test]
     fn catalog_check_value() {
         assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    }
+
+    #[test]
+    fn known_vectors_on_every_path() {
+        let rfc3720 = [(ascending(), 0x46DD_794E_u32), (descending(), 0x113F_DB5C)];
+        let all = VECTORS
+            .iter()
+            .copied()
+            .chain(rfc3720.iter().map(|(data, crc)| (&data[..], *crc)));
+        for (data, expected) in all {
+            assert_eq!(bitwise(data), expected, "bitwise, {} bytes", data.len());
+            assert_eq!(table_crc32c(data), expected, "table, {} bytes", data.len());
+            assert_eq!(crc32c(data), expected, "dispatch, {} bytes", data.len());
+            if let Some(hw) = crate::hwcrc::crc32c(data) {
+                assert_eq!(hw, expected, "hardware, {} bytes", data.len());
+            }
+        }
+    }
+
+    #[test]
+    fn hardware_and_table_agree_on_every_length_and_alignment() {
+        // Lengths 0..=300 cover every tail length after the 8-byte words, and every offset 0..8
+        // every alignment of the words; the content is a fixed pseudo-random stream.
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let data: [u8; 320] = core::array::from_fn(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        });
+        for offset in 0..8 {
+            for len in 0..=300 {
+                let slice = &data[offset..offset + len];
+                let table = table_crc32c(slice);
+                assert_eq!(crc32c(slice), table, "offset {offset}, {len} bytes");
+                if let Some(hw) = crate::hwcrc::crc32c(slice) {
+                    assert_eq!(hw, table, "offset {offset}, {len} bytes");
+                }
+                if len <= 64 {
+                    assert_eq!(bitwise(slice), table, "offset {offset}, {len} bytes");
+                }
+            }
+        }
     }
 
     #[test]

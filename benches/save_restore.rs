@@ -1,0 +1,333 @@
+//! The save/restore callbacks per packet, and whole-channel save and restore through the
+//! simulator, with the ratio tables docs/performance.md quotes.
+//!
+//! * `callbacks`: the pure VSP work of one packet, called directly — the save callback's two calls
+//!   (`answer_save_call` probe, then write) and the restore callback's validation
+//!   (`DeliveryRecord::decode` + the payload-length check). The table lookup / insert cannot be
+//!   reached from outside the crate (`DeliveryTable`'s state is `pub(super)`), so it is only in
+//!   the through-the-simulator figure.
+//! * `channel_save` / `channel_restore`: a channel with `max_in_flight = N`, a guest that opened
+//!   and negotiated but reads nothing, N messages posted (64-byte payloads, no trace id), then
+//!   `scenario::migration::save_channel` (64 KiB chunks) and, on a fresh simulator instance each
+//!   time, `restore_channel` are timed. Set-up and tear-down are outside the timed part.
+//!   N = 1, 100, 10,000 and 65,536 — `MAX_IN_FLIGHT_LIMIT`, the largest channel the format and
+//!   the VSP allow, stands in for 100,000; quick mode drops it.
+//!
+//! The through-the-simulator cost of one packet is the slope between the two largest sizes,
+//! which removes the fixed cost of a save (SaveBegin/End, stream assembly) or a restore.
+
+mod common;
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use common::{Recorder, ns, print_machine_line, quick, ratio};
+use criterion::{SamplingMode, Throughput};
+use vmbsrv::saved::DeliveryRecord;
+use vmbsrv::scenario::GuestModel;
+use vmbsrv::scenario::MigrationConfig;
+use vmbsrv::scenario::migration::{
+    Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
+    restore_channel, save_channel,
+};
+use vmbsrv::sim::{Guest, Kmcl};
+use vmbsrv::vsp::save_protocol::answer_save_call;
+use vmbsrv::vsp::{PostRequest, VspChannel};
+
+const PAYLOAD_LEN: usize = 64;
+const MAX_MESSAGE_LEN: u32 = 256;
+const CHUNK_SIZE: usize = 64 * 1024;
+/// `SimConfig::save_buffer_slack`'s default: KMCL's second save call gets `needed + 32` bytes.
+const SAVE_SLACK: usize = 32;
+
+fn typical() -> DeliveryRecord {
+    DeliveryRecord {
+        sequence: 123_456,
+        tag: 0x1234_5678_9ABC_DEF0,
+        posted_at: 133_500_000_000_000_000,
+        payload_len: 512,
+        payload_crc: 0xCAFE_F00D,
+        attempts: 1,
+        trace_id: None,
+    }
+}
+
+fn sizes() -> Vec<u32> {
+    if quick() {
+        vec![1, 100, 10_000]
+    } else {
+        vec![1, 100, 10_000, 65_536]
+    }
+}
+
+/// Builds a simulator instance with one running channel holding `packets` undelivered posts,
+/// runs `body` on it, then tears it down and checks the simulator saw no contract violation.
+fn with_loaded_channel<R>(packets: u32, body: impl FnOnce(&VspChannel<'_, Lock>) -> R) -> R {
+    let kmcl = Kmcl::new(MigrationConfig::sim_for(packets));
+    let guest = GuestModel::new(Guest::new(SCENARIO_INTERFACE_TYPE, SCENARIO_INSTANCE));
+    let result = {
+        let interface = query_server_interface(&kmcl).expect("interface");
+        kmcl.attach_guest(&guest.endpoint).expect("attach");
+        let channel = VspChannel::<Lock>::create(
+            &interface,
+            &channel_config(&kmcl, packets, MAX_MESSAGE_LEN),
+        )
+        .expect("create");
+        guest.open_and_negotiate(&kmcl).expect("negotiate");
+        let payload = [0x5A_u8; PAYLOAD_LEN];
+        for tag in 0..u64::from(packets) {
+            channel
+                .post(&PostRequest {
+                    tag,
+                    payload: &payload,
+                    posted_at: tag,
+                    trace_id: None,
+                })
+                .expect("post");
+        }
+        kmcl.wait_idle();
+        assert_eq!(channel.statistics().in_flight, packets);
+        let result = body(&channel);
+        guest.endpoint.detach();
+        channel.complete_migration().expect("complete_migration");
+        kmcl.wait_idle();
+        result
+    };
+    let violations = kmcl.finish();
+    assert!(violations.is_empty(), "{violations:?}");
+    result
+}
+
+/// Restores `stream` into a fresh simulator instance; returns the time of `restore_channel`.
+fn restore_once(packets: u32, stream: &[u8]) -> Duration {
+    let kmcl = Kmcl::new(MigrationConfig::sim_for(packets));
+    let elapsed = {
+        let interface = query_server_interface(&kmcl).expect("interface");
+        let channel = VspChannel::<Lock>::create_for_restore(
+            &interface,
+            &channel_config(&kmcl, packets, MAX_MESSAGE_LEN),
+        )
+        .expect("create_for_restore");
+        let start = Instant::now();
+        restore_channel(&channel, stream).expect("restore");
+        let elapsed = start.elapsed();
+        assert_eq!(channel.statistics().in_flight, packets);
+        channel.disable().expect("disable");
+        kmcl.wait_idle();
+        elapsed
+    };
+    let violations = kmcl.finish();
+    assert!(violations.is_empty(), "{violations:?}");
+    elapsed
+}
+
+struct CallbackFigures {
+    probe: Option<f64>,
+    write: Option<f64>,
+    both: Option<f64>,
+    restore: Option<f64>,
+}
+
+fn callbacks(c: &mut criterion::Criterion) -> CallbackFigures {
+    let rec = Recorder::new();
+    let mut group = c.benchmark_group("callbacks");
+    let record = typical();
+    let mut buffer = [0u8; DeliveryRecord::MIN_ENCODED_LEN + SAVE_SLACK];
+    let mut saved = [0u8; DeliveryRecord::MIN_ENCODED_LEN];
+    record.encode(&mut saved).expect("encode");
+
+    rec.bench(&mut group, "save probe", || {
+        answer_save_call(Some(black_box(&record)), None)
+    });
+    rec.bench(&mut group, "save write", || {
+        answer_save_call(Some(black_box(&record)), Some(black_box(&mut buffer[..])))
+    });
+    rec.bench(&mut group, "save probe+write", || {
+        let probe = answer_save_call(Some(black_box(&record)), None);
+        let write = answer_save_call(Some(black_box(&record)), Some(black_box(&mut buffer[..])));
+        (probe, write)
+    });
+    rec.bench(&mut group, "restore decode+check", || {
+        DeliveryRecord::decode(black_box(&saved))
+            .ok()
+            .filter(|r| r.payload_len <= black_box(MAX_MESSAGE_LEN))
+    });
+    group.finish();
+    CallbackFigures {
+        probe: rec.median("save probe"),
+        write: rec.median("save write"),
+        both: rec.median("save probe+write"),
+        restore: rec.median("restore decode+check"),
+    }
+}
+
+/// Median total time (ns) of a save and of a restore of `packets` outstanding packets.
+#[derive(Clone, Copy)]
+struct Row {
+    packets: u32,
+    save: Option<f64>,
+    /// Restore of the save made with 64 KiB chunks.
+    restore: Option<f64>,
+    /// Restore of the same channel saved into a single chunk.
+    restore_one_chunk: Option<f64>,
+}
+
+struct ChannelFigures {
+    rows: Vec<Row>,
+}
+
+/// A chunk buffer large enough for the whole save of `packets` (the simulator's per-packet unit
+/// is a few hundred bytes with a 64-byte payload).
+fn one_chunk(packets: u32) -> usize {
+    4096 + packets as usize * 1024
+}
+
+fn channel(c: &mut criterion::Criterion) -> ChannelFigures {
+    let rec = Recorder::new();
+    let samples = 10; // criterion's minimum; the large points take seconds each
+    let mut rows = Vec::new();
+    for packets in sizes() {
+        let save_id = format!("save/{packets}");
+        let restore_id = format!("restore/{packets}");
+        let (stream, whole) = with_loaded_channel(packets, |channel| {
+            let mut group = c.benchmark_group("channel_save");
+            group
+                .sampling_mode(SamplingMode::Flat)
+                .sample_size(samples)
+                .warm_up_time(Duration::from_millis(1))
+                .measurement_time(Duration::from_millis(if quick() { 100 } else { 1000 }))
+                .throughput(Throughput::Elements(u64::from(packets)));
+            let mut last = Vec::new();
+            rec.bench_custom(&mut group, &save_id, samples, |iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let start = Instant::now();
+                    let (stream, _, _) = save_channel(channel, CHUNK_SIZE).expect("save");
+                    total += start.elapsed();
+                    last = stream;
+                }
+                total
+            });
+            group.finish();
+            // The same channel once more, into a single chunk (saving a saved channel again is
+            // the documented retry path).
+            let (whole, chunks, _) =
+                save_channel(channel, one_chunk(packets)).expect("save, one chunk");
+            assert_eq!(chunks, 1);
+            (last, whole)
+        });
+        let mut group = c.benchmark_group("channel_restore");
+        group
+            .sampling_mode(SamplingMode::Flat)
+            .sample_size(samples)
+            .warm_up_time(Duration::from_millis(1))
+            .measurement_time(Duration::from_millis(if quick() { 20 } else { 100 }))
+            .throughput(Throughput::Elements(u64::from(packets)));
+        rec.bench_custom(&mut group, &restore_id, samples, |iters| {
+            (0..iters).map(|_| restore_once(packets, &stream)).sum()
+        });
+        let whole_id = format!("restore-one-chunk/{packets}");
+        rec.bench_custom(&mut group, &whole_id, samples, |iters| {
+            (0..iters).map(|_| restore_once(packets, &whole)).sum()
+        });
+        group.finish();
+        rows.push(Row {
+            packets,
+            save: rec.median(&save_id),
+            restore: rec.median(&restore_id),
+            restore_one_chunk: rec.median(&whole_id),
+        });
+    }
+    ChannelFigures { rows }
+}
+
+fn per_packet(total: Option<f64>, packets: u32) -> Option<f64> {
+    total.map(|t| t / f64::from(packets))
+}
+
+fn micros(total: Option<f64>) -> String {
+    total.map_or("-".into(), |t| format!("{:.1}", t / 1e3))
+}
+
+fn report(cb: &CallbackFigures, ch: &ChannelFigures) {
+    print_machine_line("whole-channel save/restore through the simulator (median of 10 samples)");
+    println!(
+        "| packets | save (us) | save ns/packet | restore, 64 KiB chunks (us) | ns/packet | restore, one chunk (us) | ns/packet |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &ch.rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.packets,
+            micros(r.save),
+            ns(per_packet(r.save, r.packets)),
+            micros(r.restore),
+            ns(per_packet(r.restore, r.packets)),
+            micros(r.restore_one_chunk),
+            ns(per_packet(r.restore_one_chunk, r.packets)),
+        );
+    }
+    // Linearity: per-packet cost at the largest size over that at 100, the smallest size whose
+    // per-packet figure is not dominated by the fixed cost of a save or restore.
+    let small = ch.rows.iter().find(|r| r.packets == 100).copied();
+    let large = ch.rows.last().copied().filter(|r| r.packets > 100);
+    let (Some(small), Some(large)) = (small, large) else {
+        return;
+    };
+    let growth = |pick: fn(&Row) -> Option<f64>| {
+        ratio(
+            per_packet(pick(&large), large.packets),
+            per_packet(pick(&small), small.packets),
+        )
+    };
+    println!(
+        "linearity, ns/packet at {} over ns/packet at 100: save {}, restore (64 KiB chunks) {}, restore (one chunk) {}",
+        large.packets,
+        growth(|r| r.save),
+        growth(|r| r.restore),
+        growth(|r| r.restore_one_chunk),
+    );
+    // Per-packet cost through the simulator: the slope between 100 and the largest size.
+    let slope = |pick: fn(&Row) -> Option<f64>| {
+        let (ts, tl) = (pick(&small)?, pick(&large)?);
+        Some((tl - ts) / f64::from(large.packets - small.packets))
+    };
+
+    print_machine_line("per-packet callback cost: pure VSP (direct) vs through the simulator");
+    println!(
+        "| per packet | pure VSP, direct (ns) | through simulator, slope 100..{} (ns) | rest (ns) | VSP codec share |",
+        large.packets
+    );
+    println!("|---|---:|---:|---:|---:|");
+    let row = |name: &str, pure: Option<f64>, through: Option<f64>| {
+        let rest = pure.zip(through).map(|(p, t)| t - p);
+        let share = pure
+            .zip(through)
+            .map_or("-".into(), |(p, t)| format!("{:.1}%", 100.0 * p / t));
+        println!(
+            "| {name} | {} | {} | {} | {share} |",
+            ns(pure),
+            ns(through),
+            ns(rest)
+        );
+    };
+    row("save: probe + write", cb.both, slope(|r| r.save));
+    row(
+        "restore: decode + check (one chunk)",
+        cb.restore,
+        slope(|r| r.restore_one_chunk),
+    );
+    println!(
+        "save probe alone {} ns, write alone {} ns",
+        ns(cb.probe),
+        ns(cb.write)
+    );
+}
+
+fn main() {
+    let mut c = common::criterion();
+    let cb = callbacks(&mut c);
+    let ch = channel(&mut c);
+    report(&cb, &ch);
+    c.final_summary();
+}

@@ -1,0 +1,166 @@
+//! CRC32C in hardware, behind a safe function that says `None` when the CPU cannot do it.
+//!
+//! [`crate::saved`] checksums every saved-state record with CRC32C and falls back to its portable
+//! table when [`crc32c`] returns `None`; the two must agree bit for bit (tested in
+//! `saved::checksum`). Why a hardware path at all, and why it is acceptable in kernel code, is in
+//! docs/performance.md §4. In short:
+//!
+//! * **x86-64**: the SSE4.2 `crc32` instruction. Despite the "SSE" in the name it reads and
+//!   writes **general-purpose registers only** (`crc32 r64, r/m64`), so no XMM/YMM state is
+//!   touched and no `KeSaveExtendedProcessorState` is needed at any IRQL. Its presence is
+//!   detected once with `CPUID` (leaf 1, `ECX` bit 20) — `no_std` has no
+//!   `is_x86_feature_detected!` — and the answer is cached in an atomic. The instruction needs no
+//!   OS support (no `XSAVE` state), only the CPUID bit, so the bit alone decides.
+//! * **aarch64**: the ARMv8 `crc32c{b,d}` instructions (also general-purpose registers only), used
+//!   only when the build enables the `crc` target feature (e.g. `-C target-feature=+crc`), so
+//!   there is no run-time detection and no `unsafe` on that path. `aarch64-pc-windows-msvc` does
+//!   not enable `crc` by default, so a default ARM64 build uses the table. **Not compiled or
+//!   tested here** (this machine has no aarch64 standard library); a driver that wants it at run
+//!   time should ask `ExIsProcessorFeaturePresent(PF_ARM_V8_CRC32_INSTRUCTIONS_AVAILABLE)`.
+//! * Anything else: always `None`.
+//!
+//! One stream, 8 bytes per instruction. Interleaving three streams (the usual trick to hide the
+//! instruction's 3-cycle latency) needs a combine step and only pays off on inputs of hundreds of
+//! bytes; the records this checksums are 48–100 bytes, so it is not done.
+
+/// Whether [`crc32c`] uses a hardware instruction on this CPU (detected once, then cached).
+pub fn available() -> bool {
+    imp::available()
+}
+
+/// CRC32C (Castagnoli, reflected, init and final XOR `0xFFFF_FFFF`) of `bytes` computed with the
+/// CPU's CRC32C instruction, or `None` if this CPU or build has none.
+///
+/// `crc32c(b"123456789")` is `Some(0xE306_9283)` or `None`.
+#[inline]
+pub fn crc32c(bytes: &[u8]) -> Option<u32> {
+    imp::crc32c(bytes)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod imp {
+    use core::arch::x86_64::{__cpuid, _mm_crc32_u8, _mm_crc32_u64};
+    use core::sync::atomic::{AtomicU8, Ordering};
+
+    const UNKNOWN: u8 = 0;
+    const ABSENT: u8 = 1;
+    const PRESENT: u8 = 2;
+
+    /// The cached CPUID answer. Every core of a system reports the same feature set, so a race
+    /// between two first callers only runs CPUID twice; `Relaxed` is enough because the value is
+    /// the same whoever stores it and guards no other memory.
+    static SSE42: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+    /// `CPUID.01H:ECX.SSE4_2[bit 20]`: the `crc32` instruction exists.
+    const ECX_SSE42: u32 = 1 << 20;
+
+    #[cold]
+    fn detect() -> bool {
+        // Leaf 1 exists on every x86-64 CPU. Under a hypervisor CPUID is a VM exit, which is
+        // why the answer is cached.
+        let present = __cpuid(1).ecx & ECX_SSE42 != 0;
+        SSE42.store(if present { PRESENT } else { ABSENT }, Ordering::Relaxed);
+        present
+    }
+
+    pub(super) fn available() -> bool {
+        match SSE42.load(Ordering::Relaxed) {
+            PRESENT => true,
+            ABSENT => false,
+            _ => detect(),
+        }
+    }
+
+    /// The CRC32C register after `bytes`, starting from `crc` (no pre/post inversion).
+    ///
+    /// Kept tiny on purpose: enabling `sse4.2` would allow the compiler to use XMM registers for
+    /// other work in this function; a serial loop of `crc32` instructions gives it none to do
+    /// (docs/performance.md §4 shows the disassembly check).
+    #[target_feature(enable = "sse4.2")]
+    fn update(crc: u32, bytes: &[u8]) -> u32 {
+        let (words, tail) = bytes.as_chunks::<8>();
+        let mut wide = u64::from(crc);
+        for word in words {
+            wide = _mm_crc32_u64(wide, u64::from_le_bytes(*word));
+        }
+        // The instruction zero-extends its 32-bit result, so the upper half is always 0.
+        let mut crc = wide as u32;
+        for &byte in tail {
+            crc = _mm_crc32_u8(crc, byte);
+        }
+        crc
+    }
+
+    pub(super) fn crc32c(bytes: &[u8]) -> Option<u32> {
+        if !available() {
+            return None;
+        }
+        // SAFETY: `update` only requires the `sse4.2` target feature, i.e. that the `crc32`
+        // instruction exists; `available()` just read CPUID.01H:ECX.SSE4_2 = 1 on this CPU.
+        let crc = unsafe { update(!0, bytes) };
+        Some(!crc)
+    }
+}
+
+#[cfg(all(target_arch = "aarch64", target_feature = "crc"))]
+mod imp {
+    // Not compiled on the development machine (no aarch64 standard library there): see the
+    // module documentation. The build guarantees the feature, so every call here is safe.
+    use core::arch::aarch64::{__crc32cb, __crc32cd};
+
+    pub(super) fn available() -> bool {
+        true
+    }
+
+    pub(super) fn crc32c(bytes: &[u8]) -> Option<u32> {
+        let (words, tail) = bytes.as_chunks::<8>();
+        let mut crc = !0u32;
+        for word in words {
+            crc = __crc32cd(crc, u64::from_le_bytes(*word));
+        }
+        for &byte in tail {
+            crc = __crc32cb(crc, byte);
+        }
+        Some(!crc)
+    }
+}
+
+#[cfg(not(any(
+    target_arch = "x86_64",
+    all(target_arch = "aarch64", target_feature = "crc")
+)))]
+mod imp {
+    pub(super) fn available() -> bool {
+        false
+    }
+
+    pub(super) fn crc32c(_bytes: &[u8]) -> Option<u32> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_value_when_present() {
+        // This machine's CPU decides which branch runs; docs/performance.md records which.
+        match crc32c(b"123456789") {
+            Some(crc) => {
+                assert!(available());
+                assert_eq!(crc, 0xE306_9283);
+            }
+            None => assert!(!available()),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn detection_is_cached_and_stable() {
+        let first = available();
+        for _ in 0..4 {
+            assert_eq!(available(), first);
+        }
+    }
+}
