@@ -9,10 +9,12 @@
 //! ```
 //!
 //! * [`kmcl`] — the VMBus Kernel Mode Client Library boundary: hand-written `#[repr(C)]` tables,
-//!   thin safe wrappers, and the `extern` callback trampolines. With `driver` and `sim`, the only
-//!   place that holds `unsafe`.
+//!   thin safe wrappers, and the `extern` callback trampolines. With `driver`, `sim` and the one
+//!   intrinsic call in [`hwcrc`] (the CPU's CRC32C instruction), the only place that holds
+//!   `unsafe`.
 //! * [`saved`] — the saved-state record format: pure, allocation-free on encode, no KMCL.
 //! * [`vsp`] — the service: guest protocol, delivery table, save/restore callbacks, control requests.
+//! * [`fallible`] — allocation that reports failure instead of aborting (a bugcheck in a driver).
 //! * `driver` — KMDF glue, compiled only for Windows targets with the `driver` feature.
 //! * `sim` — a user-mode KMCL implementing the same function table (feature `sim`).
 //! * `scenario` — end-to-end scenarios over the simulator: a guest model and the exactly-once

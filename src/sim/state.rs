@@ -1739,13 +1739,18 @@ impl Shared {
             }
         };
         // A transaction id already in flight on this channel: the blob was fed twice or forged.
-        let st_ref: &State = &st;
-        let duplicate = libs.iter().flatten().any(|lib| {
-            st_ref
-                .packets
-                .values()
-                .any(|p| p.channel == seq && p.txid == lib.txid && p.state != PacketState::Idle)
-        });
+        // One pass over the packets per chunk (not one per unit), so a restore stays linear in
+        // chunks × packets rather than quadratic in packets.
+        let duplicate = {
+            let chunk_txids: std::collections::BTreeSet<u64> =
+                libs.iter().flatten().map(|lib| lib.txid).collect();
+            !chunk_txids.is_empty()
+                && st.packets.values().any(|p| {
+                    p.channel == seq
+                        && p.state != PacketState::Idle
+                        && chunk_txids.contains(&p.txid)
+                })
+        };
         let Some(c) = st.channels.get_mut(&seq) else {
             return NtStatus::INVALID_PARAMETER_1;
         };
