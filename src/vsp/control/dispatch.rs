@@ -25,16 +25,14 @@
 //!   the input and output lengths, and the file object as [`OwnerId`]; complete the request with
 //!   `DispatchResult::status` and `information`.
 //! * `CreateChannel`: `VmbConvertVmbusHandleToKernelHandle` must run in the *caller's* process
-//!   context, which the queue does not guarantee. Register `EvtIoInCallerContext`; there call
-//!   [`caller_context_vmbus_handle`](super::caller_context_vmbus_handle) on the input. `Err` →
-//!   complete the request with that status; `Ok(Some(h))` → convert `h` now and keep the kernel
-//!   handle in the request context; then `WdfDeviceEnqueueRequest`. At dispatch the environment's
-//!   [`ControlEnvironment::convert_vmbus_handle`] *takes* the stored kernel handle (and fails if
-//!   there is none or it was converted from another value), after which the
-//!   registry owns it and closes it with the `close_vmbus_handle` function given to
-//!   [`ChannelRegistry::try_new`] (`ZwClose`) when the channel is destroyed or its creation fails.
-//!   A kernel handle still in the request context when the request completes (dispatch failed
-//!   before taking it) is the driver's to close.
+//!   context, which the queue does not guarantee. The driver handles this request entirely in
+//!   `EvtIoInCallerContext`: [`caller_context_vmbus_handle`](super::caller_context_vmbus_handle)
+//!   checks the input, then [`ChannelRegistry::dispatch_buffered`] runs there, and
+//!   [`ControlEnvironment::convert_vmbus_handle`] converts in the caller's context. The registry
+//!   owns the kernel handle from then on and closes it with the `close_vmbus_handle` function given
+//!   to [`ChannelRegistry::try_new`] (`ZwClose`) when the channel is destroyed or its creation
+//!   fails. No handle is parked in a request context (a cancelled queued request is cleaned up at
+//!   DISPATCH_LEVEL, where `ZwClose` cannot run).
 //! * `EvtFileCleanup`: [`ChannelRegistry::destroy_owned_by`] with the file object.
 //! * Device teardown: drop the registry (or call [`ChannelRegistry::destroy_all`]) after the
 //!   queue is purged.
