@@ -30,11 +30,11 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use wdk_sys::ntddk::{KeGetCurrentIrql, KeQuerySystemTimePrecise};
 use wdk_sys::{
-    KPROCESSOR_MODE, LARGE_INTEGER, NTSTATUS, PASSIVE_LEVEL, PWDFDEVICE_INIT, ULONG, USHORT, WDF_FILEOBJECT_CONFIG, WDF_IO_QUEUE_CONFIG, WDF_NO_HANDLE,
-    WDF_OBJECT_ATTRIBUTES, WDF_REQUEST_PARAMETERS, WDFDEVICE, WDFFILEOBJECT, WDFOBJECT, WDFQUEUE,
-    WDFREQUEST, _WDF_EXECUTION_LEVEL, _WDF_FILEOBJECT_CLASS, _WDF_IO_QUEUE_DISPATCH_TYPE,
-    _WDF_REQUEST_TYPE, _WDF_SYNCHRONIZATION_SCOPE, _WDF_TRI_STATE,
-    call_unsafe_wdf_function_binding,
+    _WDF_EXECUTION_LEVEL, _WDF_FILEOBJECT_CLASS, _WDF_IO_QUEUE_DISPATCH_TYPE, _WDF_REQUEST_TYPE,
+    _WDF_SYNCHRONIZATION_SCOPE, _WDF_TRI_STATE, KPROCESSOR_MODE, LARGE_INTEGER, NTSTATUS,
+    PASSIVE_LEVEL, PWDFDEVICE_INIT, ULONG, USHORT, WDF_FILEOBJECT_CONFIG, WDF_IO_QUEUE_CONFIG,
+    WDF_NO_HANDLE, WDF_OBJECT_ATTRIBUTES, WDF_REQUEST_PARAMETERS, WDFDEVICE, WDFFILEOBJECT,
+    WDFOBJECT, WDFQUEUE, WDFREQUEST, call_unsafe_wdf_function_binding,
 };
 
 use super::context::context_type;
@@ -149,8 +149,12 @@ impl ControlEnvironment<'static> for Environment {
         // EvtIoInCallerContext, at PASSIVE_LEVEL, requestor mode checked to be UserMode), which is
         // what the call requires (kmcl-reference §2.7); `kernel` is a valid out-parameter. A
         // handle value is not a pointer, hence no provenance.
-        let status =
-            unsafe { convert(ptr::without_provenance_mut::<c_void>(value), &raw mut kernel) };
+        let status = unsafe {
+            convert(
+                ptr::without_provenance_mut::<c_void>(value),
+                &raw mut kernel,
+            )
+        };
         if !status.is_success() {
             wdk::println!(
                 "vmbsrv: VmbConvertVmbusHandleToKernelHandle({user_handle:#x}) failed {status}"
@@ -277,8 +281,9 @@ extern "C" fn evt_io_in_caller_context(device: WDFDEVICE, request: WDFREQUEST) {
         _ => {
             // SAFETY: `device` and `request` are this callback's; WdfDeviceEnqueueRequest may only
             // be called from EvtIoInCallerContext, which this is.
-            let status =
-                unsafe { call_unsafe_wdf_function_binding!(WdfDeviceEnqueueRequest, device, request) };
+            let status = unsafe {
+                call_unsafe_wdf_function_binding!(WdfDeviceEnqueueRequest, device, request)
+            };
             if !wdk::nt_success(status) {
                 // The request is still ours (WdfDeviceEnqueueRequest Remarks): complete it.
                 complete(request, refused(NtStatus(status)));
@@ -337,9 +342,14 @@ fn create_channel_in_caller_context(
                 convert: binding.convert,
                 parent: state.parent,
             };
-            state
-                .registry
-                .dispatch_buffered(owner, code, buffer, input_len, output_len, &environment)
+            state.registry.dispatch_buffered(
+                owner,
+                code,
+                buffer,
+                input_len,
+                output_len,
+                &environment,
+            )
         })
     })
 }
@@ -364,9 +374,7 @@ extern "C" fn evt_io_device_control(
             Some(state) => with_owner(state, request, |owner, rundown| {
                 with_system_buffer(request, code, input_len, output_len, |buffer| {
                     let environment = Environment {
-                        interface: state
-                            .kmcl_bound(rundown)
-                            .map(|binding| &binding.interface),
+                        interface: state.kmcl_bound(rundown).map(|binding| &binding.interface),
                         convert: None,
                         parent: state.parent,
                     };
@@ -414,7 +422,8 @@ fn with_owner(
     f: impl FnOnce(OwnerId, &RundownGuard<'_>) -> DispatchResult,
 ) -> DispatchResult {
     // SAFETY: this callback's request.
-    let file_object = unsafe { call_unsafe_wdf_function_binding!(WdfRequestGetFileObject, request) };
+    let file_object =
+        unsafe { call_unsafe_wdf_function_binding!(WdfRequestGetFileObject, request) };
     if file_object.is_null() {
         // A request without a file object has no owner to tie channels to.
         return refused(NtStatus::INVALID_DEVICE_REQUEST);

@@ -42,9 +42,9 @@ use wdk_sys::ntddk::{
     ExWaitForRundownProtectionRelease, ZwClose,
 };
 use wdk_sys::{
-    EX_RUNDOWN_REF, GUID, NTSTATUS, PWDFDEVICE_INIT, STATUS_SUCCESS, WDF_OBJECT_ATTRIBUTES,
-    WDF_PNPPOWER_EVENT_CALLBACKS, WDFDEVICE, WDFDRIVER, WDFOBJECT, WDFWAITLOCK,
-    _WDF_EXECUTION_LEVEL, _WDF_SYNCHRONIZATION_SCOPE, call_unsafe_wdf_function_binding,
+    _WDF_EXECUTION_LEVEL, _WDF_SYNCHRONIZATION_SCOPE, EX_RUNDOWN_REF, GUID, NTSTATUS,
+    PWDFDEVICE_INIT, STATUS_SUCCESS, WDF_OBJECT_ATTRIBUTES, WDF_PNPPOWER_EVENT_CALLBACKS,
+    WDFDEVICE, WDFDRIVER, WDFOBJECT, WDFWAITLOCK, call_unsafe_wdf_function_binding,
 };
 
 use super::context::context_type;
@@ -126,7 +126,8 @@ impl Drop for RundownGuard<'_> {
 /// delete the device (and run the context's cleanup) while one of its callbacks runs.
 pub(super) fn device_state<'d>(device: WDFDEVICE) -> Option<&'d DeviceState> {
     // SAFETY: `device` is the live device whose callback is running.
-    let context = unsafe { DEVICE_CONTEXT.raw_context(device as WDFOBJECT) }.cast::<DeviceContext>();
+    let context =
+        unsafe { DEVICE_CONTEXT.raw_context(device as WDFOBJECT) }.cast::<DeviceContext>();
     if context.is_null() {
         return None;
     }
@@ -319,7 +320,11 @@ pub(super) extern "C" fn evt_driver_device_add(
     let mut lock: WDFWAITLOCK = ptr::null_mut();
     // SAFETY: live device as parent; locals outlive the call.
     let status = unsafe {
-        call_unsafe_wdf_function_binding!(WdfWaitLockCreate, &raw mut lock_attributes, &raw mut lock)
+        call_unsafe_wdf_function_binding!(
+            WdfWaitLockCreate,
+            &raw mut lock_attributes,
+            &raw mut lock
+        )
     };
     if !wdk::nt_success(status) {
         wdk::println!("vmbsrv: WdfWaitLockCreate failed {status:#010x}");
@@ -327,13 +332,15 @@ pub(super) extern "C" fn evt_driver_device_add(
     }
 
     // SAFETY: `device` is live.
-    let wdm_device = unsafe { call_unsafe_wdf_function_binding!(WdfDeviceWdmGetDeviceObject, device) };
+    let wdm_device =
+        unsafe { call_unsafe_wdf_function_binding!(WdfDeviceWdmGetDeviceObject, device) };
     // SAFETY: the WDM device object lives as long as the framework device, i.e. until after the
     // teardown has cleaned up every channel allocated under it.
     let parent = unsafe { ParentDevice::new(wdm_device.cast()) };
 
     // SAFETY: `device` was just created with DEVICE_CONTEXT in its attributes.
-    let context = unsafe { DEVICE_CONTEXT.raw_context(device as WDFOBJECT) }.cast::<DeviceContext>();
+    let context =
+        unsafe { DEVICE_CONTEXT.raw_context(device as WDFOBJECT) }.cast::<DeviceContext>();
     if context.is_null() {
         return NtStatus::INVALID_DEVICE_STATE.0;
     }

@@ -19,14 +19,16 @@ use core::mem::{align_of, size_of};
 use core::ptr;
 
 use wdk_sys::{
-    INTERFACE, UNICODE_STRING, WDF_IO_TARGET_OPEN_PARAMS, WDF_OBJECT_ATTRIBUTES, WDFDEVICE,
-    WDFIOTARGET, WDFOBJECT, _WDF_EXECUTION_LEVEL, _WDF_IO_TARGET_OPEN_TYPE,
-    _WDF_SYNCHRONIZATION_SCOPE, call_unsafe_wdf_function_binding,
+    _WDF_EXECUTION_LEVEL, _WDF_IO_TARGET_OPEN_TYPE, _WDF_SYNCHRONIZATION_SCOPE, INTERFACE,
+    UNICODE_STRING, WDF_IO_TARGET_OPEN_PARAMS, WDF_OBJECT_ATTRIBUTES, WDFDEVICE, WDFIOTARGET,
+    WDFOBJECT, call_unsafe_wdf_function_binding,
 };
 
 use crate::driver::wdf_size;
 use crate::kmcl::interface_id::{KMCL_SERVER_INTERFACE_TYPE, KMCL_SERVER_INTERFACE_VERSION_V1};
-use crate::kmcl::raw::{self, KMCL_SERVER_INTERFACE_V1, PFN_VMB_CONVERT_VMBUS_HANDLE_TO_KERNEL_HANDLE};
+use crate::kmcl::raw::{
+    self, KMCL_SERVER_INTERFACE_V1, PFN_VMB_CONVERT_VMBUS_HANDLE_TO_KERNEL_HANDLE,
+};
 use crate::kmcl::{NtStatus, SERVER_INTERFACE_V1_SIZE, ServerInterface};
 
 /// The host-side KMCL device. Provenance: kmcl-reference §1.7 — the name dxgkrnl.sys opens in its
@@ -130,7 +132,13 @@ fn create_target(device: WDFDEVICE) -> Result<WDFIOTARGET, NtStatus> {
 
 fn open_and_query(
     target: WDFIOTARGET,
-) -> Result<(ServerInterface, PFN_VMB_CONVERT_VMBUS_HANDLE_TO_KERNEL_HANDLE), NtStatus> {
+) -> Result<
+    (
+        ServerInterface,
+        PFN_VMB_CONVERT_VMBUS_HANDLE_TO_KERNEL_HANDLE,
+    ),
+    NtStatus,
+> {
     // WDF_IO_TARGET_OPEN_PARAMS_INIT_OPEN_BY_NAME(&params, &name, FILE_ALL_ACCESS): zero, Size,
     // Type = WdfIoTargetOpenByName, TargetDeviceName, DesiredAccess, CreateOptions =
     // FILE_NON_DIRECTORY_FILE, CreateDisposition = FILE_OPEN (wdfiotarget.h, KMDF branch).
@@ -151,9 +159,8 @@ fn open_and_query(
     };
     // SAFETY: `target` was just created and is not open; `params` and the name it points to
     // outlive the call. PASSIVE_LEVEL (callers).
-    let status = unsafe {
-        call_unsafe_wdf_function_binding!(WdfIoTargetOpen, target, &raw mut params)
-    };
+    let status =
+        unsafe { call_unsafe_wdf_function_binding!(WdfIoTargetOpen, target, &raw mut params) };
     if !wdk::nt_success(status) {
         report("WdfIoTargetOpen", NtStatus(status));
         return Err(NtStatus(status));

@@ -82,7 +82,10 @@ pub(crate) const fn wdf_size<T>() -> wdk_sys::ULONG {
 /// wdk-sys's `test-stubs` the stub crate provides `DriverEntry`, hence the `not(test)` gate.
 #[cfg_attr(not(test), unsafe(export_name = "DriverEntry"))]
 #[cfg_attr(test, allow(dead_code))]
-extern "system" fn driver_entry(driver: PDRIVER_OBJECT, registry_path: PCUNICODE_STRING) -> NTSTATUS {
+extern "system" fn driver_entry(
+    driver: PDRIVER_OBJECT,
+    registry_path: PCUNICODE_STRING,
+) -> NTSTATUS {
     // WDF_DRIVER_CONFIG_INIT(&config, EvtDriverDeviceAdd) plus EvtDriverUnload. Teardown of
     // everything a device owns happens per device (device::evt_self_managed_io_cleanup and the
     // device context's EvtCleanupCallback), so unload has nothing left to free.
