@@ -191,6 +191,8 @@ pub struct Vsp<L> {
     keep_version_on_open: AtomicBool,
     /// `VmbChannelPacketFail` stopped the incoming queue; `restart_incoming` recovers.
     incoming_stopped: AtomicBool,
+    /// The current save's `VmbChannelSaveContinue` returned `STATUS_SUCCESS` (the last chunk).
+    save_produced_last_chunk: AtomicBool,
 }
 
 impl<L: DispatchLock<DeliveryTable>> Vsp<L> {
@@ -519,6 +521,7 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
             expected_restored: core::sync::atomic::AtomicU32::new(0),
             keep_version_on_open: AtomicBool::new(false),
             incoming_stopped: AtomicBool::new(false),
+            save_produced_last_chunk: AtomicBool::new(false),
         };
         // From here on, dropping `channel` on an error path runs VmbChannelCleanup.
         let channel = interface.allocate_server_channel(config.parent, handler)?;
@@ -675,6 +678,7 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
             self.resume_locked();
             return Err(status);
         }
+        vsp.save_produced_last_chunk.store(false, Ordering::Release);
         let record = vsp.table.with(|table| {
             let in_flight = table.begin_save_epoch();
             ChannelRecord {
@@ -691,10 +695,21 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
     }
 
     /// `VmbChannelSaveContinue` into the caller's buffer (see [`SaveChunk`]).
+    ///
+    /// After KMCL produced the last chunk (`STATUS_SUCCESS`) a further call is refused with
+    /// `STATUS_INVALID_DEVICE_STATE` without reaching KMCL, which forbids it.
     pub fn save_continue(&self, buffer: &mut [u8]) -> Result<SaveChunk> {
         let _guard = self.control()?;
         self.expect_phase(&[Phase::Saving])?;
-        Ok(self.channel.save_continue(buffer))
+        let vsp = self.vsp();
+        if vsp.save_produced_last_chunk.load(Ordering::Acquire) {
+            return Err(NtStatus::INVALID_DEVICE_STATE);
+        }
+        let chunk = self.channel.save_continue(buffer);
+        if chunk.status == NtStatus::SUCCESS {
+            vsp.save_produced_last_chunk.store(true, Ordering::Release);
+        }
+        Ok(chunk)
     }
 
     /// `VmbChannelSaveEnd`, then checks that KMCL presented every outstanding delivery.
@@ -768,6 +783,12 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
         {
             // Valid, but this channel was created with smaller limits than the saved one.
             return Err(NtStatus::INVALID_PARAMETER);
+        }
+        if record.protocol_version != 0
+            && !protocol::SUPPORTED_VERSIONS.contains(&record.protocol_version)
+        {
+            // Saved by a build that had negotiated a version this one does not speak.
+            return Err(NtStatus::REVISION_MISMATCH);
         }
         vsp.table.with(|table| {
             table.next_sequence = record.next_sequence;
