@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Runs every cargo-fuzz target of fuzz/ for SECONDS each (default 60), one after the other.
+#
+#   scripts/fuzz.sh [SECONDS]
+#   FUZZ_TARGETS="decode_saved restore_e2e" scripts/fuzz.sh 30     # a subset
+#
+# 1. Seeds the corpora (fuzz/corpus/<target>/, gitignored): the golden blobs for decode_saved
+#    (fuzz/seed-corpus.sh) and real runs of the driver over the simulator for every target
+#    (tests/reliability_fuzz_seeds.rs, an #[ignore]d test).
+# 2. Builds every target (cargo +nightly fuzz build -O: optimized, debug assertions on,
+#    AddressSanitizer + LeakSanitizer, libFuzzer's leak check per input).
+# 3. Runs each target; prints executions, executions/s and crashes (new crash-/leak-/timeout-/oom-
+#    artifacts in fuzz/artifacts/<target>/, or a non-zero libFuzzer exit) per target.
+#
+# Exit status: 0 when no target crashed (or when nightly/cargo-fuzz are missing: SKIPPED),
+# 1 on any crash, 2 on a usage or build error. Logs: $FUZZ_LOG_DIR (default target/fuzz-logs).
+set -uo pipefail
+
+seconds="${1:-60}"
+if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [ "$seconds" -lt 1 ]; then
+    echo "usage: $0 [SECONDS >= 1]" >&2
+    exit 2
+fi
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+read -r -a targets <<<"${FUZZ_TARGETS:-decode_saved guest_packets control_ioctl restore_e2e}"
+logs="${FUZZ_LOG_DIR:-$root/target/fuzz-logs}"
+mkdir -p "$logs"
+
+if ! cargo +nightly --version >/dev/null 2>&1; then
+    echo "fuzz: SKIPPED (no nightly toolchain: rustup toolchain install nightly)"
+    exit 0
+fi
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    echo "fuzz: SKIPPED (cargo-fuzz not installed: cargo install cargo-fuzz)"
+    exit 0
+fi
+
+started=$(date +%s)
+echo "== seeding corpora"
+fuzz/seed-corpus.sh || exit 2
+cargo test --quiet --features sim --test reliability_fuzz_seeds -- --ignored --nocapture \
+    || { echo "seed generation failed" >&2; exit 2; }
+
+echo "== building ${#targets[@]} target(s)"
+(cd fuzz && for target in "${targets[@]}"; do cargo +nightly fuzz build -O "$target" || exit 1; done) \
+    >"$logs/build.log" 2>&1 \
+    || { cat "$logs/build.log" >&2; echo "fuzz build failed" >&2; exit 2; }
+
+count_artifacts() {
+    find "fuzz/artifacts/$1" -maxdepth 1 -type f \
+        \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' -o -name 'oom-*' \) \
+        2>/dev/null | wc -l
+}
+
+failed=0
+summary=()
+for target in "${targets[@]}"; do
+    echo "== $target: ${seconds}s"
+    mkdir -p "fuzz/corpus/$target" "fuzz/artifacts/$target"
+    before=$(count_artifacts "$target")
+    log="$logs/$target.log"
+    (cd fuzz && cargo +nightly fuzz run -O "$target" -- \
+        -max_total_time="$seconds" -timeout=20 -rss_limit_mb=4096 -print_final_stats=1) \
+        >"$log" 2>&1
+    rc=$?
+    after=$(count_artifacts "$target")
+    crashes=$((after - before))
+    if [ "$rc" -ne 0 ] && [ "$crashes" -eq 0 ]; then
+        crashes=1
+    fi
+    execs=$(awk '/stat::number_of_executed_units/ {print $2}' "$log" | tail -1)
+    rate=$(awk '/stat::average_exec_per_sec/ {print $2}' "$log" | tail -1)
+    if [ -z "$execs" ]; then
+        # No final stats (the run died): take the last status line, "#N ... exec/s: R".
+        execs=$(grep -oE '^#[0-9]+' "$log" | tail -1 | tr -d '#')
+        rate=$(grep -oE 'exec/s: [0-9]+' "$log" | tail -1 | awk '{print $2}')
+    fi
+    corpus=$(find "fuzz/corpus/$target" -type f | wc -l)
+    line=$(printf '%-14s %6ss %12s execs %8s exec/s %7s corpus %3s crashes' \
+        "$target" "$seconds" "${execs:-?}" "${rate:-?}" "$corpus" "$crashes")
+    echo "$line"
+    summary+=("$line")
+    if [ "$crashes" -ne 0 ]; then
+        failed=1
+        echo "   CRASH: see $log and fuzz/artifacts/$target/" >&2
+        grep -E 'panicked|ERROR:|SUMMARY' "$log" | head -5 >&2
+    fi
+done
+
+echo "== summary ($(($(date +%s) - started))s in total)"
+printf '%s\n' "${summary[@]}"
+if [ "$failed" -ne 0 ]; then
+    echo "fuzz: FAILED (crashes found)"
+    exit 1
+fi
+echo "fuzz: OK (no crash)"
