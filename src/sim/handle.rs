@@ -86,9 +86,15 @@ pub(crate) fn addr<T>(pointer: *mut T) -> usize {
 static NEXT_INSTANCE: AtomicU32 = AtomicU32::new(1);
 static INSTANCES: Mutex<BTreeMap<u32, Weak<Shared>>> = Mutex::new(BTreeMap::new());
 
-/// A fresh instance id (never 0, never reused).
+/// A fresh instance id: never 0 (the invalid id). Ids wrap after 2^24 - 1 instances; a live
+/// instance that old is not expected, and `register` replaces a dead one's entry.
 pub(crate) fn next_instance_id() -> u32 {
-    NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed) & ((1 << INSTANCE_BITS) - 1)
+    loop {
+        let id = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed) & ((1 << INSTANCE_BITS) - 1);
+        if id != 0 {
+            return id;
+        }
+    }
 }
 
 /// Makes an instance reachable from its handles.

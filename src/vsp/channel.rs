@@ -84,6 +84,10 @@ impl ChannelConfig {
         if self.server_flags & !raw::VMBUS_SERVER_CHANNEL_INIT_FLAGS != 0 {
             return Err(NtStatus::INVALID_PARAMETER);
         }
+        if self.server_flags & raw::VMBUS_SERVER_CHANNEL_INIT_FLAG_OFFER_AS_PIPE != 0 {
+            // vmbsrv's protocol is transactions with completions; a pipe offer has none.
+            return Err(NtStatus::INVALID_PARAMETER);
+        }
         Ok(())
     }
 
