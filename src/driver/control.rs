@@ -144,11 +144,10 @@ impl ControlEnvironment<'static> for Environment {
         };
         let value = usize::try_from(user_handle).map_err(|_| NtStatus::INVALID_PARAMETER)?;
         let mut kernel: HANDLE = ptr::null_mut();
-        // SAFETY: the function comes from the validated KMCL server table, which is held for the
-        // device's life; we run in the thread of the process that sent the request (its
-        // EvtIoInCallerContext, at PASSIVE_LEVEL, requestor mode checked to be UserMode), which is
-        // what the call requires (kmcl-reference §2.7); `kernel` is a valid out-parameter. A
-        // handle value is not a pointer, hence no provenance.
+        // We run in the requesting process's thread (EvtIoInCallerContext, PASSIVE_LEVEL, UserMode
+        // requestor), as the call requires (kmcl-reference §2.7); a handle value has no provenance.
+        // SAFETY: `convert` is from the validated KMCL table held for the device's life, and
+        // `kernel` is a valid out-parameter.
         let status = unsafe {
             convert(
                 ptr::without_provenance_mut::<c_void>(value),

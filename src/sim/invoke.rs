@@ -40,10 +40,9 @@ pub(crate) fn opened(instance: u32, cb: PFN_VMB_CHANNEL_OPENED, channel: usize) 
         kind: FrameKind::StateChange,
     });
     let channel: VMBCHANNEL = handle::to_ptr(channel);
-    // SAFETY: `cb` is the driver's `PFN_VMB_CHANNEL_OPENED`, registered through
-    // VmbChannelInitSetStateChangeCallbacks with exactly this signature and ABI; KMCL's contract is
-    // to call it at PASSIVE with the channel's handle, which `channel` is (a token, never
-    // dereferenced by the driver except through the table).
+    // `channel` is a token the driver only hands back through the table, never dereferences.
+    // SAFETY: `cb` is the driver's `PFN_VMB_CHANNEL_OPENED`, registered with this exact signature
+    // and ABI; KMCL calls it at PASSIVE with the channel's handle, which `channel` is.
     unsafe { cb(channel) }
 }
 
@@ -106,10 +105,9 @@ pub(crate) fn process_packet(
     } else {
         delivery.buffer.cast_mut().cast()
     };
-    // SAFETY: `cb` is the driver's process-packet callback registered with this signature and ABI.
-    // `buffer` points to `length` initialized bytes owned by the simulator's incoming-packet
-    // object, which stays alive (and is never written) until the driver completes the packet;
-    // `pc` is that packet's completion handle.
+    // `buffer`: `length` initialized bytes of the incoming-packet object, alive and unwritten
+    // until the driver completes the packet; `pc` is that packet's completion handle.
+    // SAFETY: `cb` is the driver's process-packet callback, registered with this signature/ABI.
     unsafe { cb(channel, pc, buffer, length, 0) };
     matches!(
         frame.take().map(|f| f.kind),

@@ -968,10 +968,9 @@ kmcl_fn! {
             let out = shared.save_continue(seq, size as usize);
             if !out.chunk.is_empty() {
                 let n = out.chunk.len().min(size as usize);
-                // SAFETY: the KMCL contract (`_Out_writes_bytes_to_(SaveBufferSize, ...)`) is that
-                // `buffer` (non-NULL here, as `size >= n > 0`) has `size` writable bytes for the
-                // duration of the call; `n <= size`, and the source is a simulator-owned Vec that
-                // cannot overlap driver memory.
+                // The source is a simulator-owned Vec: it cannot overlap driver memory.
+                // SAFETY: `_Out_writes_bytes_to_(SaveBufferSize, ..)`: the non-NULL `buffer` has
+                // `size` writable bytes for the call, and `n <= size`.
                 unsafe {
                     core::ptr::copy_nonoverlapping(out.chunk.as_ptr(), buffer.cast::<u8>(), n)
                 };
