@@ -651,8 +651,13 @@ fn save_to_stream<'i>(
     assert_eq!(status, NtStatus::SUCCESS);
     let (begin, record) = SaveBeginResponse::read_from_prefix(&out).unwrap();
     assert_eq!(begin.record_len.get() as usize, record.len());
-    assert_eq!(record.len(), ChannelRecord::ENCODED_LEN);
-    ChannelRecord::decode(record).unwrap();
+    let (_, identity) = ChannelRecord::decode_saved(record).unwrap();
+    let identity = identity.expect("a save writes its identity");
+    assert_eq!(
+        record.len(),
+        ChannelRecord::ENCODED_LEN + 4 + 16,
+        "{identity:?}"
+    );
     let record = record.to_vec();
 
     let mut chunks: Vec<Vec<u8>> = Vec::new();
@@ -899,7 +904,7 @@ fn migration_through_the_control_interface_delivers_exactly_once() {
 }
 
 #[test]
-fn a_garbled_guest_packet_stops_the_queue_until_restart_incoming() {
+fn a_garbled_guest_packet_is_answered_and_never_stops_the_queue() {
     let kmcl = Kmcl::new(SimConfig::default());
     let interface = query_server_interface(&kmcl).unwrap();
     let env = env(&kmcl, &interface);
@@ -909,16 +914,19 @@ fn a_garbled_guest_packet_stops_the_queue_until_restart_incoming() {
     let (_, id) = create(&registry, &env, ALICE, 0, CREATE_MODE_START);
     guest.open_and_negotiate(&kmcl).unwrap();
 
-    // Wrong signature: garbled framing, answered with VmbChannelPacketFail.
+    // Wrong signature: garbled framing, answered with an error reply (never
+    // VmbChannelPacketFail, whose effect on the packet KMCL leaves undocumented); the flag the
+    // first interface defined for a stopped queue is never set.
     let garbled = guest.endpoint.send_request(&[0xFF; 16]).unwrap();
     kmcl.wait_idle();
     let (_, stats) = statistics(&registry, &env, ALICE, id);
-    assert_eq!(stats.flags.get(), STATS_FLAG_INCOMING_STOPPED);
+    assert_eq!(stats.flags.get() & STATS_FLAG_INCOMING_STOPPED, 0);
     assert_eq!(stats.guest_garbled.get(), 1);
-    assert!(!matches!(
+    assert!(matches!(
         guest.endpoint.take_reply(garbled),
         Some(vmbsrv::sim::Reply::Completed(_))
     ));
+    // RestartIncoming is still accepted (a pause and a start) for clients of the first interface.
 
     let (status, _) = channel_op(
         &registry,
@@ -959,7 +967,14 @@ fn destroying_a_channel_mid_save_ends_the_save() {
     let (_, first) = create(&registry, &env, ALICE, 0, CREATE_MODE_START);
     let (_, second) = create(&registry, &env, ALICE, 0, CREATE_MODE_START);
     for id in [first, second] {
-        let (status, _) = channel_op(&registry, &env, ALICE, IOCTL_VMBSRV_SAVE_BEGIN, id, 128);
+        let (status, _) = channel_op(
+            &registry,
+            &env,
+            ALICE,
+            IOCTL_VMBSRV_SAVE_BEGIN,
+            id,
+            SAVE_BEGIN_MIN_OUTPUT_LEN,
+        );
         assert_eq!(status, NtStatus::SUCCESS);
     }
     let before = kmcl.call_count(KmclCall::ChannelSaveEnd);

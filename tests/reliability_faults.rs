@@ -710,7 +710,7 @@ struct Saved {
 /// resume).
 fn save_once(channel: &VspChannel<'_, Lock>) -> Result<Saved, (Step, NtStatus)> {
     let record = drv(|| channel.save_begin()).map_err(|s| (Step::SaveBegin, s))?;
-    let mut record_bytes = vec![0u8; ChannelRecord::ENCODED_LEN];
+    let mut record_bytes = vec![0u8; record.encoded_len()];
     record.encode(&mut record_bytes).expect("encode");
     let mut chunks = Vec::new();
     let mut buffer = vec![0u8; CHUNK];

@@ -15,7 +15,7 @@
 use core::cell::UnsafeCell;
 
 use wdk_sys::KSPIN_LOCK;
-use wdk_sys::ntddk::{KeAcquireSpinLockRaiseToDpc, KeReleaseSpinLock};
+use wdk_sys::ntddk::{KeAcquireSpinLockRaiseToDpc, KeReleaseSpinLock, KeStallExecutionProcessor};
 
 use crate::vsp::DispatchLock;
 
@@ -58,4 +58,15 @@ impl<T: Send> DispatchLock<T> for KSpinLock<T> {
         unsafe { KeReleaseSpinLock(self.lock.get(), old_irql) };
         result
     }
+
+    fn relax() {
+        // One round of a bounded PASSIVE_LEVEL wait is 50 µs, the longest stall wdm.h's
+        // documentation of KeStallExecutionProcessor recommends (docs/windows.md, "Waits").
+        // SAFETY: KeStallExecutionProcessor only busy-waits for the given number of microseconds;
+        // it is callable at any IRQL and touches no memory of ours.
+        unsafe { KeStallExecutionProcessor(RELAX_MICROSECONDS) };
+    }
 }
+
+/// The length of one [`DispatchLock::relax`] round in the driver.
+const RELAX_MICROSECONDS: u32 = 50;

@@ -47,6 +47,18 @@ pub trait ChannelEvents: Sync + Sized {
     fn process_packet(&self, channel: Channel<'_, Self>, packet: IncomingPacket<'_>, flags: u32);
     /// `EvtVmbChannelProcessingComplete` (≤ DISPATCH_LEVEL): the end of a batch.
     fn processing_complete(&self, _channel: Channel<'_, Self>, _packets_processed: u32) {}
+    /// Packets KMCL owns whose completion routine will reach this handler: sent or restored,
+    /// not yet completed. Teardown frees the channel's context only once this is 0 (see
+    /// [`OwnedChannel`](super::OwnedChannel)). The default, 0, is right only for a handler that
+    /// never sends or restores a packet.
+    fn outstanding_packets(&self) -> u32 {
+        0
+    }
+    /// Called at PASSIVE_LEVEL by teardown while [`outstanding_packets`](Self::outstanding_packets)
+    /// is not 0, between two looks at it: give the processor to the thread that completes them.
+    fn relax(&self) {
+        core::hint::spin_loop();
+    }
     /// The completion routine of an outgoing packet (≤ DISPATCH_LEVEL): the packet is the
     /// driver's again, to free or reuse.
     fn packet_completed(&self, packet: Packet<'_, Self>, status: NtStatus, payload: GuestBytes<'_>);

@@ -6,6 +6,7 @@
 
 use core::ffi::c_void;
 use core::marker::PhantomData;
+use core::mem::ManuallyDrop;
 use core::num::NonZeroUsize;
 use core::ptr;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -22,16 +23,30 @@ pub(super) struct Bound<'a, H> {
     pub(super) handler: H,
 }
 
+/// How many times teardown asks the handler to relax while packets KMCL owns are still
+/// unaccounted for after `VmbChannelDisable` (see [`OwnedChannel`]'s `Drop`).
+const TEARDOWN_WAIT_ROUNDS: u32 = 1 << 16;
+
 /// A server channel this driver allocated; dropping it disables it (if it was enabled or restored
 /// into) and cleans it up.
 ///
 /// # Invariants
 /// * `raw` is a channel returned by `VmbChannelAllocate` and not yet cleaned up.
 /// * The channel's context pointer is the address of `*bound`, which does not move and outlives
-///   the channel: `Drop` runs `VmbChannelDisable` (which waits until no callback runs any more)
-///   and `VmbChannelCleanup` before `bound` is freed.
+///   every callback KMCL can still make: `Drop` runs `VmbChannelDisable` and `VmbChannelCleanup`,
+///   and frees `bound` only if the handler then accounts for every packet KMCL owned
+///   ([`ChannelEvents::outstanding_packets`] is 0). Otherwise `bound` is never freed.
+///
+/// # Why a channel may be kept forever
+/// What `VmbChannelDisable` does with packets a channel owns when it was never enabled (restored
+/// into, then torn down after a failed restore) is not documented (docs/kmcl-bindings.md,
+/// "Undocumented points"): it may complete them before returning, shortly after, inside
+/// `VmbChannelCleanup`, or never. Their completion routine reaches `bound`. So teardown waits a
+/// bounded time after Disable, calls Cleanup, and if a packet is still unaccounted for it keeps
+/// `bound` alive (a bounded leak, counted by [`ServerInterface::leaked_channels`]) rather than
+/// free memory a completion routine could still reach.
 pub struct OwnedChannel<'a, H: ChannelEvents> {
-    bound: FallibleBox<Bound<'a, H>>,
+    bound: ManuallyDrop<FallibleBox<Bound<'a, H>>>,
     raw: VMBCHANNEL,
     /// Enabled, or packets restored into it: `VmbChannelDisable` must run before cleanup.
     needs_disable: AtomicBool,
@@ -139,6 +154,10 @@ impl ServerInterface {
         parent: ParentDevice,
         handler: H,
     ) -> Result<OwnedChannel<'_, H>> {
+        if self.leaked_channels() >= super::interface::MAX_LEAKED_CHANNELS {
+            // Each kept channel holds its memory for good; past the bound, refuse new ones.
+            return Err(NtStatus::INSUFFICIENT_RESOURCES);
+        }
         let bound = FallibleBox::try_new(Bound {
             interface: self,
             handler,
@@ -152,11 +171,11 @@ impl ServerInterface {
             return Err(NtStatus::UNSUCCESSFUL);
         }
         let channel = OwnedChannel {
-            bound,
+            bound: ManuallyDrop::new(bound),
             raw,
             needs_disable: AtomicBool::new(false),
         };
-        let context: *const Bound<'_, H> = &*channel.bound;
+        let context: *const Bound<'_, H> = &**channel.bound;
         // The context is `*bound`, which outlives the channel (OwnedChannel invariants).
         call!(self, Client.VmbChannelSetPointer(raw, context.cast_mut().cast::<c_void>()) else ());
         Ok(channel)
@@ -325,8 +344,22 @@ impl<'a, H: ChannelEvents> OwnedChannel<'a, H> {
 impl<H: ChannelEvents> Drop for OwnedChannel<'_, H> {
     fn drop(&mut self) {
         self.disable();
+        let handler = &self.bound.handler;
+        let mut rounds = 0;
+        while handler.outstanding_packets() != 0 && rounds < TEARDOWN_WAIT_ROUNDS {
+            handler.relax();
+            rounds += 1;
+        }
         call!(self.interface(), Client.VmbChannelCleanup(self.raw) else ());
-        // `bound` is freed after this, when no callback can reach it any more.
+        if self.bound.handler.outstanding_packets() != 0 {
+            // A completion routine may still reach `bound`: keep it (see the type's docs).
+            self.interface().record_leaked_channel();
+            return;
+        }
+        // SAFETY: Disable and Cleanup returned and the handler accounts for every packet KMCL
+        // owned, so no callback can reach `bound` any more; it is dropped exactly once, here, and
+        // never used again (the channel is being dropped).
+        unsafe { ManuallyDrop::drop(&mut self.bound) };
     }
 }
 
@@ -457,8 +490,10 @@ impl<'a, H: ChannelEvents> Packet<'a, H> {
 /// A packet object that `VmbPacketRestore` just put back in flight (KMCL owns it).
 ///
 /// Whether a restored packet keeps the completion routine and context pointer set before the
-/// restore is not documented. The driver sets both first (the only order safe under either
-/// reading); [`ensure_context`](Self::ensure_context) re-sets them only if the library reset them.
+/// restore is not documented, and a library could reset one and keep the other. The driver sets
+/// both before the restore and [`rebind`](Self::rebind)s both after it, unconditionally: correct
+/// under every reading, and safe because the channel was never enabled, so no completion can run
+/// between the restore and the rebind.
 pub struct RestoredPacket<'a, H> {
     interface: &'a ServerInterface,
     raw: VMBPACKET,
@@ -466,19 +501,15 @@ pub struct RestoredPacket<'a, H> {
 }
 
 impl<H: ChannelEvents> RestoredPacket<'_, H> {
-    /// Re-installs the completion routine and `token` if `VmbPacketRestore` cleared the context
-    /// pointer (and so, presumably, the routine with it). Returns whether it had to.
-    pub fn ensure_context(&self, token: NonZeroUsize) -> bool {
-        if packet_token(self.interface, self.raw) == Some(token) {
-            return false;
-        }
+    /// Installs the completion routine and `token` again (`VmbPacketSetCompletionRoutine` and
+    /// `VmbPacketSetPointer`).
+    pub fn rebind(&self, token: NonZeroUsize) {
         let routine = callbacks::packet_completion_routine::<H>();
-        // The packet was just restored and its completion cannot run before the channel starts.
+        // The channel was never enabled: the packet's completion cannot run concurrently.
         call!(self.interface, Client.VmbPacketSetCompletionRoutine(self.raw, routine) else ());
         let pointer = ptr::without_provenance_mut::<c_void>(token.get());
         // As above.
         call!(self.interface, Client.VmbPacketSetPointer(self.raw, pointer) else ());
-        true
     }
 }
 

@@ -2,7 +2,7 @@
 
 use core::mem::size_of;
 use core::ptr;
-use core::sync::atomic::{AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
 use super::NtStatus;
 use super::raw::{
@@ -106,7 +106,14 @@ impl InterfaceError {
 /// * The reference taken by the query is released exactly once, in `Drop`.
 pub struct ServerInterface {
     table: KMCL_SERVER_INTERFACE_V1,
+    /// Channels whose context teardown had to keep (see `OwnedChannel`).
+    leaked_channels: AtomicU32,
 }
+
+/// At most this many channels may be kept by teardown (each holds its context, up to a few MiB
+/// at the largest table); past it, new channels are refused with `STATUS_INSUFFICIENT_RESOURCES`
+/// so a client that makes restores fail again and again cannot exhaust the pool.
+pub const MAX_LEAKED_CHANNELS: u32 = 16;
 
 // SAFETY: the table holds function pointers and the provider's opaque `Context`. KMCL entry points
 // are callable from any thread (they are called from DPCs and worker threads alike), and `Context`
@@ -129,7 +136,10 @@ impl ServerInterface {
             return Err(InterfaceError::NoDereference);
         };
         // From here on `Drop` releases the reference, whatever the verdict.
-        let interface = Self { table };
+        let interface = Self {
+            table,
+            leaked_channels: AtomicU32::new(0),
+        };
         if header.Size != SERVER_INTERFACE_V1_SIZE {
             return Err(InterfaceError::WrongSize { found: header.Size });
         }
@@ -151,6 +161,16 @@ impl ServerInterface {
     /// The validated table, for the wrappers in this module tree.
     pub(super) fn table(&self) -> &KMCL_SERVER_INTERFACE_V1 {
         &self.table
+    }
+
+    /// Channels whose context teardown kept because KMCL still owned packets after
+    /// `VmbChannelDisable` and `VmbChannelCleanup` (bounded by [`MAX_LEAKED_CHANNELS`]).
+    pub fn leaked_channels(&self) -> u32 {
+        self.leaked_channels.load(Ordering::Acquire)
+    }
+
+    pub(super) fn record_leaked_channel(&self) {
+        self.leaked_channels.fetch_add(1, Ordering::AcqRel);
     }
 }
 

@@ -38,6 +38,8 @@ statuses! {
     BUFFER_OVERFLOW = 0x8000_0005;
     /// `STATUS_UNSUCCESSFUL`.
     UNSUCCESSFUL = 0xC000_0001;
+    /// `STATUS_IO_TIMEOUT`: a bounded wait ended before the condition it waited for.
+    IO_TIMEOUT = 0xC000_00B5;
     /// `STATUS_NOT_IMPLEMENTED`.
     NOT_IMPLEMENTED = 0xC000_0002;
     /// `STATUS_INVALID_PARAMETER`.

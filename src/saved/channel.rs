@@ -9,8 +9,28 @@ use super::{Extension, HEADER_LEN, MAX_PAYLOAD_LEN, RestoreError, SaveError};
 /// Upper bound of [`ChannelRecord::max_in_flight`] the format accepts.
 pub const MAX_IN_FLIGHT_LIMIT: u32 = 65536;
 
-/// A `ChannelRecord` v1 defines no extension tags.
-const KNOWN_TAGS: &[u16] = &[];
+/// Extension tag of the channel record's [`SaveIdentity`] (16 bytes, optional; docs/saved-state.md
+/// §5). Optional so that an older reader, which cannot check the binding, still restores.
+pub const TAG_CHANNEL_SAVE_IDENTITY: u16 = 0x0001;
+
+/// Every extension tag a `ChannelRecord` v1 defines.
+const KNOWN_TAGS: &[u16] = &[TAG_CHANNEL_SAVE_IDENTITY];
+
+const SAVE_IDENTITY_LEN: usize = 16;
+
+/// Which save wrote a channel record, and how many restores its channel's lineage went through.
+///
+/// Every `DeliveryRecord` written by the same save carries the same `save_id`
+/// ([`TAG_SAVE_ID`](super::delivery::TAG_SAVE_ID)), so a record can only be restored together with
+/// the KMCL chunks of its own save.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SaveIdentity {
+    /// Identifies one save of one channel lineage; never 0.
+    pub save_id: u64,
+    /// Restores this channel's lineage went through before this save (0 for a channel that was
+    /// never restored). The channel restored from this record reports one more.
+    pub restore_generation: u32,
+}
 
 /// Channel-level state the VSP keeps outside per-packet records (KMCL saves only per-packet
 /// state).
@@ -114,10 +134,50 @@ impl ChannelRecord {
         self.encode_with_extensions(&[], buf)
     }
 
+    /// Exact number of bytes [`encode_saved`](Self::encode_saved) writes.
+    pub const fn encoded_len_saved(&self, identity: Option<SaveIdentity>) -> usize {
+        match identity {
+            Some(_) => Self::ENCODED_LEN + super::EXTENSION_ENTRY_HEADER_LEN + SAVE_IDENTITY_LEN,
+            None => Self::ENCODED_LEN,
+        }
+    }
+
+    /// Like [`encode`](Self::encode), carrying `identity` when given: what a save writes.
+    pub fn encode_saved(
+        &self,
+        identity: Option<SaveIdentity>,
+        buf: &mut [u8],
+    ) -> Result<usize, SaveError> {
+        let Some(identity) = identity else {
+            return self.encode(buf);
+        };
+        if identity.save_id == 0 {
+            return Err(SaveError::InvalidRecord { field: "save_id" });
+        }
+        let mut data = [0u8; SAVE_IDENTITY_LEN];
+        data[..8].copy_from_slice(&identity.save_id.to_le_bytes());
+        data[8..12].copy_from_slice(&identity.restore_generation.to_le_bytes());
+        let known = [Extension {
+            tag: TAG_CHANNEL_SAVE_IDENTITY,
+            critical: false,
+            data: &data,
+        }];
+        self.encode_inner(&known, &[], buf)
+    }
+
     /// Like [`encode`](Self::encode), plus `extra` extension entries (same rules as
     /// [`DeliveryRecord::encode_with_extensions`](super::DeliveryRecord::encode_with_extensions)).
     pub fn encode_with_extensions(
         &self,
+        extra: &[Extension<'_>],
+        buf: &mut [u8],
+    ) -> Result<usize, SaveError> {
+        self.encode_inner(&[], extra, buf)
+    }
+
+    fn encode_inner(
+        &self,
+        known: &[Extension<'_>],
         extra: &[Extension<'_>],
         buf: &mut [u8],
     ) -> Result<usize, SaveError> {
@@ -140,12 +200,12 @@ impl ChannelRecord {
             guest_bad_requests: U64::new(s.guest_bad_requests),
             guest_garbled: U64::new(s.guest_garbled),
         };
-        let total = envelope::encoded_len(BODY_V1_LEN, &[], KNOWN_TAGS, extra)?;
+        let total = envelope::encoded_len(BODY_V1_LEN, known, KNOWN_TAGS, extra)?;
         envelope::write(
             Self::MAGIC,
             Self::VERSION,
             body.as_bytes(),
-            &[],
+            known,
             extra,
             total,
             buf,
@@ -154,6 +214,12 @@ impl ChannelRecord {
 
     /// Decodes and fully validates an untrusted record; bytes after it must be zero.
     pub fn decode(bytes: &[u8]) -> Result<Self, RestoreError> {
+        Self::decode_saved(bytes).map(|(record, _)| record)
+    }
+
+    /// Like [`decode`](Self::decode), also returning the [`SaveIdentity`] if the record carries
+    /// one.
+    pub fn decode_saved(bytes: &[u8]) -> Result<(Self, Option<SaveIdentity>), RestoreError> {
         let opened = envelope::open(Self::MAGIC, bytes)?;
         if opened.version != Self::VERSION {
             return Err(RestoreError::UnsupportedVersion {
@@ -165,10 +231,37 @@ impl ChannelRecord {
         }
         let (b, ext_area) =
             BodyV1::ref_from_prefix(opened.rest).map_err(|_| RestoreError::BadLength)?;
+        let mut identity = None;
         for ext in Entries::new(ext_area) {
             let ext = ext?;
-            if ext.critical {
-                return Err(RestoreError::UnknownCriticalField { tag: ext.tag });
+            match ext.tag {
+                TAG_CHANNEL_SAVE_IDENTITY => {
+                    let data = <[u8; SAVE_IDENTITY_LEN]>::try_from(ext.data)
+                        .map_err(|_| RestoreError::MalformedExtension)?;
+                    let word = |range: core::ops::Range<usize>| {
+                        data.get(range).map_or(0, |bytes| {
+                            bytes
+                                .iter()
+                                .rev()
+                                .fold(0u64, |value, byte| (value << 8) | u64::from(*byte))
+                        })
+                    };
+                    let save_id = word(0..8);
+                    let generation = word(8..12);
+                    if save_id == 0 {
+                        return Err(RestoreError::OutOfRange { field: "save_id" });
+                    }
+                    if word(12..16) != 0 {
+                        return Err(RestoreError::ReservedNotZero);
+                    }
+                    identity = Some(SaveIdentity {
+                        save_id,
+                        // Read from 4 bytes, so it fits.
+                        restore_generation: u32::try_from(generation).unwrap_or(u32::MAX),
+                    });
+                }
+                tag if ext.critical => return Err(RestoreError::UnknownCriticalField { tag }),
+                _ => {}
             }
         }
         let record = Self {
@@ -191,6 +284,6 @@ impl ChannelRecord {
         record
             .validate()
             .map_err(|field| RestoreError::OutOfRange { field })?;
-        Ok(record)
+        Ok((record, identity))
     }
 }

@@ -13,10 +13,17 @@ pub const MAX_PAYLOAD_LEN: u32 = 64 * 1024;
 /// Extension tag of [`DeliveryRecord::trace_id`] (16 bytes of data, optional).
 pub const TAG_TRACE_ID: u16 = 0x0001;
 
+/// Extension tag of the save identity (8 bytes, optional): the `save_id` of the channel record
+/// written by the same save. It binds every delivery of a KMCL blob to the one channel record it
+/// belongs with (docs/saved-state.md §5). Optional so that an older reader, which cannot check
+/// the binding, still restores the delivery as it did before.
+pub const TAG_SAVE_ID: u16 = 0x0002;
+
 /// Every extension tag a `DeliveryRecord` v1 defines.
-const KNOWN_TAGS: &[u16] = &[TAG_TRACE_ID];
+const KNOWN_TAGS: &[u16] = &[TAG_TRACE_ID, TAG_SAVE_ID];
 
 const TRACE_ID_LEN: usize = 16;
+const SAVE_ID_LEN: usize = 8;
 
 /// One outstanding host->guest delivery: what the save callback persists per packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,13 +72,26 @@ impl DeliveryRecord {
     /// Largest size [`encode`](Self::encode) produces: with a trace id.
     pub const MAX_ENCODED_LEN: usize =
         Self::MIN_ENCODED_LEN + EXTENSION_ENTRY_HEADER_LEN + TRACE_ID_LEN;
+    /// Largest size [`encode_saved`](Self::encode_saved) produces: with a trace id and a save
+    /// identity.
+    pub const MAX_SAVED_LEN: usize =
+        Self::MAX_ENCODED_LEN + EXTENSION_ENTRY_HEADER_LEN + SAVE_ID_LEN;
 
     /// Exact number of bytes [`encode`](Self::encode) writes for this value.
     pub const fn encoded_len(&self) -> usize {
-        match self.trace_id {
-            Some(_) => Self::MAX_ENCODED_LEN,
-            None => Self::MIN_ENCODED_LEN,
+        self.encoded_len_saved(None)
+    }
+
+    /// Exact number of bytes [`encode_saved`](Self::encode_saved) writes for this value.
+    pub const fn encoded_len_saved(&self, save_id: Option<u64>) -> usize {
+        let mut len = Self::MIN_ENCODED_LEN;
+        if self.trace_id.is_some() {
+            len += EXTENSION_ENTRY_HEADER_LEN + TRACE_ID_LEN;
         }
+        if save_id.is_some() {
+            len += EXTENSION_ENTRY_HEADER_LEN + SAVE_ID_LEN;
+        }
+        len
     }
 
     /// Checks the documented ranges; `Err` names the first offending field.
@@ -93,6 +113,12 @@ impl DeliveryRecord {
         self.encode_with_extensions(&[], buf)
     }
 
+    /// Like [`encode`](Self::encode), carrying `save_id` ([`TAG_SAVE_ID`]) when given: what the
+    /// VSP's save callback writes.
+    pub fn encode_saved(&self, save_id: Option<u64>, buf: &mut [u8]) -> Result<usize, SaveError> {
+        self.encode_inner(save_id, &[], buf)
+    }
+
     /// Like [`encode`](Self::encode), plus `extra` extension entries this build does not define
     /// itself (for example to produce records as a newer build would, in version-skew tests).
     ///
@@ -101,6 +127,15 @@ impl DeliveryRecord {
     /// whole record must fit `MAX_RECORD_LEN`. On `BufferTooSmall` the `needed` size is exact.
     pub fn encode_with_extensions(
         &self,
+        extra: &[Extension<'_>],
+        buf: &mut [u8],
+    ) -> Result<usize, SaveError> {
+        self.encode_inner(None, extra, buf)
+    }
+
+    fn encode_inner(
+        &self,
+        save_id: Option<u64>,
         extra: &[Extension<'_>],
         buf: &mut [u8],
     ) -> Result<usize, SaveError> {
@@ -116,18 +151,31 @@ impl DeliveryRecord {
             attempts: U16::new(self.attempts),
             reserved: [0; 6],
         };
-        let trace;
-        let known: &[Extension<'_>] = match &self.trace_id {
-            Some(id) => {
-                trace = [Extension {
-                    tag: TAG_TRACE_ID,
-                    critical: false,
-                    data: id,
-                }];
-                &trace
-            }
-            None => &[],
-        };
+        let save_id_bytes = save_id.map(u64::to_le_bytes);
+        // Ascending by tag, as the envelope requires.
+        let mut entries = [Extension {
+            tag: 0,
+            critical: false,
+            data: &[],
+        }; 2];
+        let mut count = 0;
+        if let Some(id) = &self.trace_id {
+            entries[count] = Extension {
+                tag: TAG_TRACE_ID,
+                critical: false,
+                data: id,
+            };
+            count += 1;
+        }
+        if let Some(id) = &save_id_bytes {
+            entries[count] = Extension {
+                tag: TAG_SAVE_ID,
+                critical: false,
+                data: id,
+            };
+            count += 1;
+        }
+        let known = &entries[..count];
         let total = envelope::encoded_len(BODY_V1_LEN, known, KNOWN_TAGS, extra)?;
         envelope::write(
             Self::MAGIC,
@@ -143,6 +191,12 @@ impl DeliveryRecord {
     /// Decodes and fully validates an untrusted record. `bytes` may be longer than the record
     /// (a padded restore buffer) as long as every byte after it is zero.
     pub fn decode(bytes: &[u8]) -> Result<Self, RestoreError> {
+        Self::decode_saved(bytes).map(|(record, _)| record)
+    }
+
+    /// Like [`decode`](Self::decode), also returning the save identity ([`TAG_SAVE_ID`]) if the
+    /// record carries one.
+    pub fn decode_saved(bytes: &[u8]) -> Result<(Self, Option<u64>), RestoreError> {
         let opened = envelope::open(Self::MAGIC, bytes)?;
         if opened.version != Self::VERSION {
             return Err(RestoreError::UnsupportedVersion {
@@ -159,9 +213,15 @@ impl DeliveryRecord {
         }
 
         let mut trace_id = None;
+        let mut save_id = None;
         for ext in Entries::new(ext_area) {
             let ext = ext?;
             match ext.tag {
+                TAG_SAVE_ID => {
+                    let id = <[u8; SAVE_ID_LEN]>::try_from(ext.data)
+                        .map_err(|_| RestoreError::MalformedExtension)?;
+                    save_id = Some(u64::from_le_bytes(id));
+                }
                 TAG_TRACE_ID => {
                     let id = <[u8; TRACE_ID_LEN]>::try_from(ext.data)
                         .map_err(|_| RestoreError::MalformedExtension)?;
@@ -185,6 +245,6 @@ impl DeliveryRecord {
         record
             .validate()
             .map_err(|field| RestoreError::OutOfRange { field })?;
-        Ok(record)
+        Ok((record, save_id))
     }
 }

@@ -26,9 +26,11 @@ mod envelope;
 mod error;
 pub mod stream;
 
-pub use channel::{ChannelRecord, ChannelStats, MAX_IN_FLIGHT_LIMIT};
+pub use channel::{
+    ChannelRecord, ChannelStats, MAX_IN_FLIGHT_LIMIT, SaveIdentity, TAG_CHANNEL_SAVE_IDENTITY,
+};
 pub use checksum::crc32c;
-pub use delivery::{DeliveryRecord, MAX_PAYLOAD_LEN, TAG_TRACE_ID};
+pub use delivery::{DeliveryRecord, MAX_PAYLOAD_LEN, TAG_SAVE_ID, TAG_TRACE_ID};
 pub use error::{RestoreError, SaveError};
 
 /// Size of the record header every record type and version starts with.

@@ -135,7 +135,8 @@ fn extras_may_not_reuse_known_or_invalid_tags() {
 fn records_larger_than_the_limit_are_refused() {
     let data = [0u8; MAX_EXTENSION_DATA_LEN];
     let exts: [Extension<'_>; 4] = core::array::from_fn(|i| Extension {
-        tag: 2 + i as u16,
+        // Tags this build does not define (1 is the trace id, 2 the save identity).
+        tag: 3 + i as u16,
         critical: false,
         data: &data,
     });
@@ -158,7 +159,7 @@ fn extras_are_merged_in_tag_order_with_known_entries() {
     d.trace_id = Some([0x11; 16]);
     let ext = [
         Extension {
-            tag: 2,
+            tag: 3,
             critical: false,
             data: b"ab",
         },
@@ -172,7 +173,7 @@ fn extras_are_merged_in_tag_order_with_known_entries() {
     let n = d.encode_with_extensions(&ext, &mut buf).unwrap();
     assert_eq!(n, 76 + 6 + 4);
     assert_eq!(&buf[56..60], &[1, 0, 16, 0]);
-    assert_eq!(&buf[76..82], &[2, 0, 2, 0, b'a', b'b']);
+    assert_eq!(&buf[76..82], &[3, 0, 2, 0, b'a', b'b']);
     assert_eq!(&buf[82..86], &[0xFF, 0x7F, 0, 0]);
     assert_eq!(DeliveryRecord::decode(&buf[..n]), Ok(d));
 }

@@ -35,7 +35,7 @@ use super::ledger::{Ledger, Posted, Verdict};
 use crate::kmcl::raw::GUID;
 use crate::kmcl::{NtStatus, SERVER_INTERFACE_V1_SIZE, ServerInterface};
 use crate::saved::stream::{FrameKind, FrameReader, FrameWriter, frame_len};
-use crate::saved::{ChannelRecord, crc32c};
+use crate::saved::crc32c;
 use crate::sim::{
     Guest, Kmcl, SIM_KMCL_SERVER_INTERFACE_TYPE, SIM_KMCL_SERVER_INTERFACE_VERSION, SimConfig,
     SimSpinLock, Violation,
@@ -352,7 +352,7 @@ pub fn save_channel(
     let record = channel
         .save_begin()
         .map_err(|status| fail("save_begin", status))?;
-    let mut record_bytes = [0u8; ChannelRecord::ENCODED_LEN];
+    let mut record_bytes = vec![0u8; record.encoded_len()];
     record
         .encode(&mut record_bytes)
         .map_err(|_| fail("encode channel record", NtStatus::UNSUCCESSFUL))?;

@@ -25,6 +25,13 @@ impl<T: Send> DispatchLock<T> for SimSpinLock<T> {
         let mut guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         f(&mut guard)
     }
+
+    fn relax() {
+        // A PASSIVE-level wait in the driver gives the processor away (KeDelayExecutionThread);
+        // a short sleep does that here, so the waited-for worker thread runs even on one core,
+        // and the VSP's bounded wait rounds stand for real time.
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
 }
 
 #[cfg(test)]

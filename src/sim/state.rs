@@ -1164,10 +1164,19 @@ impl Shared {
         let _ = st.tick(call);
         let keep =
             self.config.restored_packet_context == RestoredPacketContext::KeepSetBeforeRestore;
+        // A packet restored into a channel that has not run since cannot complete yet, so its
+        // routine may be set again (the driver re-binds restored packets under every reading);
+        // on a channel that may be running, a change races the completion.
+        let quiet = st.packets.get(&seq).is_some_and(|p| {
+            st.channels.get(&p.channel).is_some_and(|c| {
+                c.lifecycle == Lifecycle::Disabled
+                    || (self.config.restore_timing == RestoreTiming::AfterEnable && !c.running)
+            })
+        });
         let Some(p) = st.packets.get_mut(&seq) else {
             return;
         };
-        if p.state != PacketState::Idle && keep {
+        if p.state != PacketState::Idle && keep && !quiet {
             st.violation(
                 ViolationKind::PacketModifiedInFlight,
                 Some(call),

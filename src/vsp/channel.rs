@@ -14,19 +14,34 @@
 //!     Restoring --> RestoreFailed: any failure
 //!     Restored --> Running: finish_restore (enable + start)
 //!     Running --> Saving: save_begin (freeze posts, pause, VmbChannelSaveBegin)
-//!     Saving --> Saved: save_end (every delivery saved exactly once)
-//!     Saving --> SaveFailed: save_end (a delivery missing or saved twice)
+//!     Saving --> Saved: save_end (last chunk produced, every delivery written exactly once, nothing ended)
+//!     Saving --> SaveFailed: save_end (anything else)
 //!     SaveFailed --> Running: resume
 //!     SaveFailed --> Saving: save_begin (retry)
 //!     Saving --> Running: resume (aborted save)
 //!     Saved --> Running: resume (aborted migration)
 //!     Saved --> Saving: save_begin (retry)
+//!     Saved --> SaveFailed: complete_migration refused (a delivery ended after the save began)
 //!     Saved --> Migrated: complete_migration (teardown; in-flight = Migrated)
 //!     Running --> Disabled: disable
 //!     RestoreFailed --> Disabled: disable (restored packets come back Cancelled)
 //!     Migrated --> [*]
 //!     Disabled --> [*]
 //! ```
+//!
+//! # Exactly once across a save
+//! A save is usable for a migration only if it holds every delivery that was in flight when it
+//! began, each written exactly once, and no delivery has ended on this channel since (an ended
+//! delivery in the blob would be delivered again on the destination). The table's
+//! [`SaveAccount`](super::table::SaveAccount) tracks exactly that from `save_begin` until `resume`
+//! or `complete_migration`; `save_end` and `complete_migration` both demand it, and the save's
+//! last chunk. Every record of one save carries the save's identity, so a channel record is only
+//! restored with the chunks of its own save.
+//!
+//! # Waits
+//! Nothing here waits inside a KMCL callback. The control side waits, at PASSIVE_LEVEL and for a
+//! bounded number of [`DispatchLock::relax`] rounds, for posts to finish their send before it
+//! pauses or disables the channel, and for the start callbacks after `resume`.
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -35,14 +50,22 @@ use zerocopy::IntoBytes;
 
 use super::lock::DispatchLock;
 use super::protocol::{self, Request, RequestError};
-use super::save_protocol::{answer_save_call, restore_status};
+use super::save_protocol::{answer_save, restore_status};
 use super::table::{DeliveryTable, MAX_CAPACITY, Outcome, OutcomeKind, Token};
 use crate::kmcl::raw::{self, GUID};
 use crate::kmcl::{
     Channel, ChannelEvents, GuestBytes, IncomingPacket, NtStatus, OwnedChannel, Packet, PacketView,
     ParentDevice, Result, SaveChunk, SavePacketAnswer, ServerInterface, VmbusHandle,
 };
-use crate::saved::{ChannelRecord, ChannelStats, DeliveryRecord, MAX_PAYLOAD_LEN, crc32c};
+use crate::saved::{
+    ChannelRecord, ChannelStats, DeliveryRecord, MAX_PAYLOAD_LEN, SaveError, SaveIdentity, crc32c,
+};
+
+/// Rounds of [`DispatchLock::relax`] a control operation waits for posts to finish their send
+/// (each send is non-blocking; in the driver a round is 50 µs, so this is one second).
+const POST_WAIT_ROUNDS: u32 = 20_000;
+/// Rounds `resume` waits for the channel to run again after `VmbChannelStart` (one second).
+const START_WAIT_ROUNDS: u32 = 20_000;
 
 /// What a channel is created with.
 #[derive(Clone, Copy, Debug)]
@@ -155,6 +178,40 @@ pub struct Statistics {
     pub protocol_version: u32,
     /// The next sequence number to be assigned.
     pub next_sequence: u64,
+    /// Restores this channel's lineage went through (0: never restored).
+    pub restore_generation: u32,
+    /// The identity of the save this channel was restored from (0: not restored). One saved
+    /// blob must be restored at most once; two channels reporting the same value were restored
+    /// from the same blob (docs/control.md, "Restore at most once").
+    pub restored_save_id: u64,
+}
+
+/// The channel record a save begins with, and the save's identity (written with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaveRecord {
+    /// The channel state.
+    pub record: ChannelRecord,
+    /// Which save this is.
+    pub identity: SaveIdentity,
+}
+
+impl core::ops::Deref for SaveRecord {
+    type Target = ChannelRecord;
+    fn deref(&self) -> &ChannelRecord {
+        &self.record
+    }
+}
+
+impl SaveRecord {
+    /// Exact size of [`encode`](Self::encode)'s output.
+    pub const fn encoded_len(&self) -> usize {
+        self.record.encoded_len_saved(Some(self.identity))
+    }
+
+    /// Encodes the record with its save identity (docs/saved-state.md §5).
+    pub fn encode(&self, buf: &mut [u8]) -> core::result::Result<usize, SaveError> {
+        self.record.encode_saved(Some(self.identity), buf)
+    }
 }
 
 /// One message to post.
@@ -193,8 +250,8 @@ pub struct Vsp<L> {
     /// The first open after a restore keeps the restored protocol version (the guest's channel
     /// survived the migration and it does not renegotiate).
     keep_version_on_open: AtomicBool,
-    /// `VmbChannelPacketFail` stopped the incoming queue; `restart_incoming` recovers.
-    incoming_stopped: AtomicBool,
+    /// Between `EvtChannelOpened` and `EvtChannelClosed`: a start will run the channel.
+    guest_open: AtomicBool,
     /// The current save's `VmbChannelSaveContinue` returned `STATUS_SUCCESS` (the last chunk).
     save_produced_last_chunk: AtomicBool,
 }
@@ -208,15 +265,21 @@ impl<L: DispatchLock<DeliveryTable>> Vsp<L> {
         self.phase.store(phase as u8, Ordering::Release);
     }
 
-    /// Waits until no post is between reservation and the end of its send.
+    /// Freezes posting and waits until no post is between reservation and the end of its send.
     ///
-    /// Called at PASSIVE_LEVEL after `running` was cleared or the table frozen, so no new post
-    /// can start; a post in progress finishes without blocking (`VmbPacketSend` does not wait
-    /// for the ring), so this is a short spin.
-    fn wait_for_posts(&self) {
-        while self.table.with(|table| table.posts_in_progress) != 0 {
-            core::hint::spin_loop();
+    /// Control side only (PASSIVE_LEVEL, never in a KMCL callback). After `frozen` is set no new
+    /// post can start; a post in progress finishes without blocking (`VmbPacketSend` does not
+    /// wait for the ring), so the bounded wait ends quickly unless KMCL's send hangs, which is
+    /// reported as `STATUS_IO_TIMEOUT` (posting stays frozen).
+    fn freeze_posts(&self) -> Result<()> {
+        self.table.with(|table| table.frozen = true);
+        for _ in 0..POST_WAIT_ROUNDS {
+            if self.table.with(|table| table.posts_in_progress) == 0 {
+                return Ok(());
+            }
+            L::relax();
         }
+        Err(NtStatus::IO_TIMEOUT)
     }
 
     fn reply(&self, packet: IncomingPacket<'_>, bytes: &[u8]) {
@@ -299,6 +362,8 @@ impl<L: DispatchLock<DeliveryTable>> Vsp<L> {
             corrupted: table.corrupted,
             protocol_version: table.protocol_version,
             next_sequence: table.next_sequence,
+            restore_generation: table.restore_generation,
+            restored_save_id: table.restored_save_id,
         })
     }
 
@@ -328,30 +393,46 @@ impl<L: DispatchLock<DeliveryTable>> Vsp<L> {
 }
 
 impl<L: DispatchLock<DeliveryTable>> ChannelEvents for Vsp<L> {
+    fn outstanding_packets(&self) -> u32 {
+        // Every delivery in flight is a packet KMCL owns (sent or restored); a post between
+        // reservation and send also counts, which only makes teardown more careful.
+        self.table.with(|table| table.in_flight())
+    }
+
+    fn relax(&self) {
+        L::relax();
+    }
+
     fn opened(&self, _channel: Channel<'_, Self>) -> NtStatus {
         let keep = self.keep_version_on_open.swap(false, Ordering::AcqRel);
         if !keep {
             // A new guest connection negotiates afresh.
             self.table.with(|table| table.protocol_version = 0);
         }
+        self.guest_open.store(true, Ordering::Release);
         NtStatus::SUCCESS
     }
 
     fn closed(&self, _channel: Channel<'_, Self>) {
+        self.guest_open.store(false, Ordering::Release);
         self.table.with(|table| table.running = false);
     }
 
     fn suspend(&self, _channel: Channel<'_, Self>) {
-        // No new sends from here on; let any send already under way finish first.
+        // No new post from here on. Nothing waits here: whether KMCL serializes VmbPacketSend
+        // against this callback is not documented, and if it does, waiting for a send would
+        // deadlock. Every pause and disable vmbsrv makes itself is preceded by `freeze_posts`
+        // on the control side, so no send of ours is under way then; a suspend the guest causes
+        // (closing its channel) can meet a send in progress, which KMCL then refuses (the post
+        // reports the failure and frees its slot) or cancels (the delivery ends `Cancelled`):
+        // either way it ends exactly once. Incoming packets are always completed inline, so
+        // none is outstanding here.
         self.table.with(|table| table.running = false);
-        self.wait_for_posts();
-        // Incoming packets are always completed inline, so none is outstanding here.
     }
 
     fn started(&self, _channel: Channel<'_, Self>) {}
 
     fn post_started(&self, _channel: Channel<'_, Self>) {
-        self.incoming_stopped.store(false, Ordering::Release);
         self.table.with(|table| table.running = true);
     }
 
@@ -366,11 +447,15 @@ impl<L: DispatchLock<DeliveryTable>> ChannelEvents for Vsp<L> {
         });
         match parsed {
             Err(RequestError::Garbled) => {
+                // Answered with an error, never `VmbChannelPacketFail`: whether that call retires
+                // the packet is undocumented, and under one reading the packet would stay
+                // outstanding (and every later pause hang), under the other completing it would
+                // be a double completion. An error reply is right under both, and a guest that
+                // sends garbage cannot stop its own queue.
                 self.table.with(|table| {
                     table.stats.guest_garbled = table.stats.guest_garbled.saturating_add(1)
                 });
-                self.incoming_stopped.store(true, Ordering::Release);
-                packet.fail();
+                self.reply_error(packet, 0, NtStatus::DATA_ERROR);
             }
             Err(RequestError::Invalid { kind, status }) => {
                 self.table.with(|table| {
@@ -420,10 +505,24 @@ impl<L: DispatchLock<DeliveryTable>> ChannelEvents for Vsp<L> {
         packet: PacketView<'_>,
         buffer: Option<&mut [u8]>,
     ) -> SavePacketAnswer {
-        let delivery = packet
-            .token()
-            .and_then(|token| self.table.with(|table| table.delivery_for_save(token)));
-        let answer = answer_save_call(delivery.as_ref(), buffer);
+        let token = packet.token();
+        let (delivery, identity) = self.table.with(|table| {
+            let delivery = table.delivery_for_save(token);
+            (delivery, table.save_identity)
+        });
+        let is_write = buffer.is_some();
+        let answer = answer_save(
+            delivery.as_ref(),
+            identity.map(|identity| identity.save_id),
+            buffer,
+        );
+        if is_write
+            && answer.status.is_success()
+            && let Some(token) = token
+        {
+            // Only a record written into KMCL's buffer counts; the size probe does not.
+            self.table.with(|table| table.record_save_write(token));
+        }
         SavePacketAnswer {
             status: answer.status,
             bytes_needed: answer.bytes_needed,
@@ -442,14 +541,25 @@ impl<L: DispatchLock<DeliveryTable>> ChannelEvents for Vsp<L> {
             return NtStatus::INVALID_DEVICE_STATE;
         }
         // Validate everything before building anything.
-        let record = match DeliveryRecord::decode(save_buf) {
-            Ok(record) => record,
+        let (record, save_id) = match DeliveryRecord::decode_saved(save_buf) {
+            Ok(decoded) => decoded,
             Err(error) => return restore_status(error),
         };
-        if record.payload_len > self.max_message_len {
-            return NtStatus::DATA_ERROR;
-        }
-        let token = match self.table.with(|table| table.insert_restored(record)) {
+        let expected = self.expected_restored.load(Ordering::Acquire);
+        let inserted = self.table.with(|table| {
+            if save_id != table.restore_binding {
+                // Another save's delivery (or a record stripped of, or given, an identity).
+                return Err(NtStatus::DATA_ERROR);
+            }
+            if record.payload_len > table.restore_max_message_len.min(self.max_message_len) {
+                // Larger than the saved channel (or this one) ever allowed.
+                return Err(NtStatus::DATA_ERROR);
+            }
+            table
+                .insert_restored(record, expected)
+                .map_err(|error| error.status())
+        });
+        let token = match inserted {
             Ok(token) => token,
             Err(status) => return status,
         };
@@ -462,7 +572,7 @@ impl<L: DispatchLock<DeliveryTable>> ChannelEvents for Vsp<L> {
         packet.set_token(token);
         match packet.restore(lib_buf) {
             Ok(restored) => {
-                restored.ensure_context(token);
+                restored.rebind(token);
                 NtStatus::SUCCESS
             }
             Err((status, packet)) => {
@@ -524,7 +634,7 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
             max_message_len: config.max_message_len,
             expected_restored: core::sync::atomic::AtomicU32::new(0),
             keep_version_on_open: AtomicBool::new(false),
-            incoming_stopped: AtomicBool::new(false),
+            guest_open: AtomicBool::new(false),
             save_produced_last_chunk: AtomicBool::new(false),
         };
         // From here on, dropping `channel` on an error path runs VmbChannelCleanup.
@@ -588,10 +698,6 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
         self.vsp().statistics()
     }
 
-    /// Whether a garbled guest packet stopped the incoming queue.
-    pub fn incoming_stopped(&self) -> bool {
-        self.vsp().incoming_stopped.load(Ordering::Acquire)
-    }
 
     /// Takes up to `out.len()` recorded outcomes, oldest first; returns how many.
     pub fn drain_outcomes(&self, out: &mut [Outcome]) -> usize {
@@ -670,32 +776,43 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
     }
 
     /// Starts a save: freezes posts, pauses the channel, `VmbChannelSaveBegin`. Returns the
-    /// channel record, which must be restored before the KMCL chunks. PASSIVE_LEVEL.
-    pub fn save_begin(&self) -> Result<ChannelRecord> {
+    /// channel record with the save's identity, which must be restored before the KMCL chunks.
+    /// PASSIVE_LEVEL.
+    pub fn save_begin(&self) -> Result<SaveRecord> {
         let _guard = self.control()?;
         self.expect_phase(&[Phase::Running, Phase::Saved, Phase::SaveFailed])?;
         let vsp = self.vsp();
-        vsp.table.with(|table| table.frozen = true);
-        vsp.wait_for_posts();
+        if let Err(status) = vsp.freeze_posts() {
+            self.resume_locked();
+            return Err(status);
+        }
         self.channel.pause();
         if let Err(status) = self.channel.save_begin() {
             self.resume_locked();
             return Err(status);
         }
         vsp.save_produced_last_chunk.store(false, Ordering::Release);
-        let record = vsp.table.with(|table| {
-            let in_flight = table.begin_save_epoch();
-            ChannelRecord {
+        let saved = vsp.table.with(|table| {
+            let in_flight = table.begin_save();
+            let identity = table.save_identity;
+            let record = ChannelRecord {
                 next_sequence: table.next_sequence,
                 protocol_version: table.protocol_version,
                 max_in_flight: table.capacity(),
                 max_message_len: self.config.max_message_len,
                 in_flight,
                 stats: table.stats,
-            }
+            };
+            identity.map(|identity| SaveRecord { record, identity })
         });
+        let Some(saved) = saved else {
+            // `begin_save` always sets an identity; stay total rather than panic.
+            self.channel.save_end();
+            self.resume_locked();
+            return Err(NtStatus::UNSUCCESSFUL);
+        };
         vsp.set_phase(Phase::Saving);
-        Ok(record)
+        Ok(saved)
     }
 
     /// `VmbChannelSaveContinue` into the caller's buffer (see [`SaveChunk`]).
@@ -716,28 +833,32 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
         Ok(chunk)
     }
 
-    /// `VmbChannelSaveEnd`, then checks that KMCL presented every outstanding delivery.
+    /// `VmbChannelSaveEnd`, then decides whether the save is usable for a migration: KMCL
+    /// produced the last chunk, the save callback wrote every delivery in flight exactly once
+    /// (size probes do not count), showed no packet without a delivery, and no delivery ended
+    /// since the save began. Otherwise the save failed (`STATUS_INVALID_DEVICE_STATE`, phase
+    /// `SaveFailed`): resume, or save again.
     pub fn save_end(&self) -> Result<()> {
         let _guard = self.control()?;
         self.expect_phase(&[Phase::Saving])?;
         self.channel.save_end();
         let vsp = self.vsp();
-        let complete = vsp
-            .table
-            .with(|table| table.saved_in_epoch == table.in_flight());
+        let last_chunk = vsp.save_produced_last_chunk.load(Ordering::Acquire);
+        let complete = last_chunk && vsp.table.with(|table| table.save.is_complete());
         if complete {
             vsp.set_phase(Phase::Saved);
             Ok(())
         } else {
-            // KMCL did not present every delivery exactly once: this save must never be used
-            // for a migration (complete_migration refuses it).
             vsp.set_phase(Phase::SaveFailed);
             Err(NtStatus::INVALID_DEVICE_STATE)
         }
     }
 
     /// Resumes after a save that will not be used (aborted migration): delivery continues
-    /// here, exactly once.
+    /// here, exactly once. Returns once posting works again — after `EvtChannelPostStarted` — or,
+    /// if the guest's channel is not open, right after `VmbChannelStart` (posting then needs the
+    /// guest anyway); the wait is bounded (`STATUS_IO_TIMEOUT` if the channel did not run again
+    /// within it; the channel is resumed all the same).
     pub fn resume(&self) -> Result<()> {
         let _guard = self.control()?;
         let phase = self.expect_phase(&[Phase::Saving, Phase::Saved, Phase::SaveFailed])?;
@@ -745,7 +866,7 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
             self.channel.save_end();
         }
         self.resume_locked();
-        Ok(())
+        self.wait_until_running()
     }
 
     /// `VmbChannelSaveEnd` for a save that is being abandoned (teardown in the middle of it).
@@ -758,28 +879,63 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
 
     fn resume_locked(&self) {
         let vsp = self.vsp();
-        vsp.table.with(|table| table.frozen = false);
+        vsp.table.with(|table| {
+            table.close_save();
+            table.frozen = false;
+        });
         self.channel.start();
         vsp.set_phase(Phase::Running);
     }
 
+    /// Waits (bounded) until the channel runs after a `VmbChannelStart`, if the guest is there.
+    fn wait_until_running(&self) -> Result<()> {
+        let vsp = self.vsp();
+        for _ in 0..START_WAIT_ROUNDS {
+            if !vsp.guest_open.load(Ordering::Acquire) || vsp.table.with(|table| table.running) {
+                return Ok(());
+            }
+            L::relax();
+        }
+        Err(NtStatus::IO_TIMEOUT)
+    }
+
     /// Tears the saved channel down for a completed migration: in-flight deliveries come back
     /// cancelled and are recorded as [`OutcomeKind::Migrated`], not as failures.
+    ///
+    /// Refused (`STATUS_INVALID_DEVICE_STATE`, phase `SaveFailed`) unless the last save is
+    /// complete and still current: if any delivery ended after it began (the VM was not stopped,
+    /// so the guest kept acknowledging), the blob holds a delivery this channel already ended,
+    /// and save again is the only way forward.
     pub fn complete_migration(&self) -> Result<()> {
         let _guard = self.control()?;
         self.expect_phase(&[Phase::Saved])?;
         let vsp = self.vsp();
-        vsp.table.with(|table| table.migrated = true);
+        let current = vsp.table.with(|table| {
+            let current = table.save.is_complete();
+            if current {
+                table.migrated = true;
+            }
+            current
+        });
+        if !current {
+            vsp.set_phase(Phase::SaveFailed);
+            return Err(NtStatus::INVALID_DEVICE_STATE);
+        }
         self.channel.disable();
+        vsp.table.with(|table| table.close_save());
         vsp.set_phase(Phase::Migrated);
         Ok(())
     }
 
     /// Restores the channel record (first step of a restore).
+    ///
+    /// The record is validated against this channel's configuration; the deliveries that follow
+    /// are validated against the record (its identity, sequence counter, message limit and
+    /// delivery count).
     pub fn restore_channel_record(&self, bytes: &[u8]) -> Result<()> {
         let _guard = self.control()?;
         self.expect_phase(&[Phase::Initialized])?;
-        let record = ChannelRecord::decode(bytes).map_err(restore_status)?;
+        let (record, identity) = ChannelRecord::decode_saved(bytes).map_err(restore_status)?;
         let vsp = self.vsp();
         if record.max_in_flight > self.config.max_in_flight
             || record.max_message_len > self.config.max_message_len
@@ -798,6 +954,8 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
             table.next_sequence = record.next_sequence;
             table.protocol_version = record.protocol_version;
             table.stats = record.stats;
+            table.restore_max_message_len = record.max_message_len;
+            table.adopt_saved_identity(identity);
         });
         vsp.expected_restored
             .store(record.in_flight, Ordering::Release);
@@ -828,6 +986,8 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
         Ok(RestoreProgress::Complete)
     }
 
+    /// Every delivery the record announced came back. Duplicates and surplus deliveries were
+    /// already refused one by one as they were inserted.
     fn verify_restored(&self) -> Result<()> {
         let vsp = self.vsp();
         let expected = vsp.expected_restored.load(Ordering::Acquire);
@@ -835,18 +995,7 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
         if restored != expected || in_flight != expected {
             return Err(NtStatus::DATA_ERROR);
         }
-        let mut scratch = Vec::new();
-        scratch
-            .try_reserve_exact(in_flight as usize)
-            .map_err(|_| NtStatus::INSUFFICIENT_RESOURCES)?;
-        let duplicated = vsp
-            .table
-            .with(|table| table.has_duplicate_sequences(&mut scratch));
-        if duplicated {
-            Err(NtStatus::DATA_ERROR)
-        } else {
-            Ok(())
-        }
+        Ok(())
     }
 
     /// Enables and starts a restored channel; restored deliveries continue.
@@ -856,13 +1005,20 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
         self.enable_and_start()
     }
 
-    /// Restarts the incoming queue after a garbled packet stopped it (pause + start). PASSIVE.
+    /// Pauses and restarts the channel (`VmbChannelPause` + `VmbChannelStart`). PASSIVE.
+    ///
+    /// Kept for control clients built against the first interface: vmbsrv no longer stops its
+    /// incoming queue on a garbled guest packet, so there is nothing to recover from.
     pub fn restart_incoming(&self) -> Result<()> {
         let _guard = self.control()?;
         self.expect_phase(&[Phase::Running])?;
-        self.channel.pause();
-        self.channel.start();
-        Ok(())
+        let frozen = self.vsp().freeze_posts();
+        if frozen.is_ok() {
+            self.channel.pause();
+        }
+        self.resume_locked();
+        frozen?;
+        self.wait_until_running()
     }
 
     /// Disables the channel: in-flight deliveries come back cancelled. The object stays
@@ -870,6 +1026,10 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
     pub fn disable(&self) -> Result<()> {
         let _guard = self.control()?;
         self.end_save_in_progress();
+        // Best effort: a send still under way after the bounded wait meets a disabled channel,
+        // which refuses it (the post reports the failure and frees its slot).
+        let _ = self.vsp().freeze_posts();
+        self.vsp().table.with(|table| table.close_save());
         self.channel.disable();
         if self.vsp().phase() != Phase::Migrated {
             self.vsp().set_phase(Phase::Disabled);

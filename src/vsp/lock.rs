@@ -15,6 +15,14 @@ pub trait DispatchLock<T>: Send + Sync {
 
     /// Runs `f` with exclusive access to the value, at DISPATCH_LEVEL.
     fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R;
+
+    /// Called at PASSIVE_LEVEL, never with the lock held, between two looks at a condition
+    /// another thread will make true soon (a post finishing its send, a start callback, a
+    /// completion after Disable). Every such wait in the VSP is also bounded by a count of
+    /// rounds. The default only hints the processor; a platform may yield instead.
+    fn relax() {
+        core::hint::spin_loop();
+    }
 }
 
 /// A host-only implementation over `std::sync::Mutex`, for unit tests and host tools.

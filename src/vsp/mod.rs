@@ -9,10 +9,11 @@ pub mod control;
 pub mod lock;
 pub mod protocol;
 pub mod save_protocol;
+pub mod sequence_index;
 pub mod table;
 
 pub use channel::{
-    ChannelConfig, Phase, PostRequest, RestoreProgress, Statistics, Vsp, VspChannel,
+    ChannelConfig, Phase, PostRequest, RestoreProgress, SaveRecord, Statistics, Vsp, VspChannel,
 };
 pub use lock::DispatchLock;
 pub use table::{DeliveryTable, Outcome, OutcomeKind};

@@ -33,34 +33,47 @@ impl SaveCallAnswer {
     }
 }
 
+/// Answers one call of the save-packet callback (records without a save identity; see
+/// [`answer_save`]).
+pub fn answer_save_call(record: Option<&DeliveryRecord>, buf: Option<&mut [u8]>) -> SaveCallAnswer {
+    answer_save(record, None, buf)
+}
+
 /// Answers one call of the save-packet callback.
 ///
-/// * `record` is the packet's delivery context, `None` if the packet carries none.
+/// * `record` is the packet's delivery, `None` if the packet carries no token or its token finds
+///   no delivery.
+/// * `save_id` is the open save's identity, written into the record (docs/saved-state.md §5).
 /// * `buf` is KMCL's `SaveBuf`, `None` when `SaveBufSize == 0` (the probe). The caller never
 ///   forms a slice from a null pointer or a zero size.
 ///
 /// | record | buffer | answer |
 /// |---|---|---|
-/// | `None` | any | `STATUS_SUCCESS`, 0 (a given buffer is zeroed) |
+/// | `None` | any | `STATUS_NOT_FOUND`, 0 (a given buffer is zeroed): the save fails |
 /// | `Some` | `None` | `STATUS_BUFFER_TOO_SMALL`, exact size |
 /// | `Some` | too small | `STATUS_BUFFER_TOO_SMALL`, exact size; buffer untouched |
 /// | `Some` | large enough | `STATUS_SUCCESS`, bytes written; rest of buffer zeroed |
 /// | `Some`, invalid | any | `STATUS_INVALID_DEVICE_STATE`, 0; buffer untouched |
 ///
-/// An invalid record is refused already at the probe: saving it would only move the failure
-/// to restore time, where it would cost the VM its state.
-pub fn answer_save_call(record: Option<&DeliveryRecord>, buf: Option<&mut [u8]>) -> SaveCallAnswer {
+/// A packet with no delivery fails the save: answering "nothing to save" would produce a blob
+/// that restores a packet the destination cannot account for. An invalid record is refused
+/// already at the probe: saving it would only move the failure to restore time, where it would
+/// cost the VM its state.
+pub fn answer_save(
+    record: Option<&DeliveryRecord>,
+    save_id: Option<u64>,
+    buf: Option<&mut [u8]>,
+) -> SaveCallAnswer {
     let Some(record) = record else {
-        // KMCL should not offer a buffer after a 0-byte answer; if it does, leave no pool
-        // garbage in it.
+        // Leave no pool garbage in a buffer KMCL offered anyway.
         if let Some(buf) = buf {
             buf.fill(0);
         }
-        return SaveCallAnswer::new(NtStatus::SUCCESS, 0);
+        return SaveCallAnswer::new(NtStatus::NOT_FOUND, 0);
     };
     let result = match buf {
-        Some(buf) => record.encode(buf),
-        None => record.encode(&mut []),
+        Some(buf) => record.encode_saved(save_id, buf),
+        None => record.encode_saved(save_id, &mut []),
     };
     match result {
         Ok(written) => SaveCallAnswer::new(NtStatus::SUCCESS, written),
@@ -123,18 +136,35 @@ mod tests {
         }
     }
 
+    /// Issue #11, defect 8: a packet with no delivery fails the save (it used to be answered
+    /// `STATUS_SUCCESS` with 0 bytes, producing a blob the destination cannot account for).
     #[test]
-    fn nothing_to_save_succeeds_with_zero() {
-        assert_eq!(
-            answer_save_call(None, None),
-            SaveCallAnswer {
-                status: NtStatus::SUCCESS,
-                bytes_needed: 0
-            }
-        );
+    fn a_packet_without_a_delivery_fails_the_save() {
+        let failed = SaveCallAnswer {
+            status: NtStatus::NOT_FOUND,
+            bytes_needed: 0,
+        };
+        assert_eq!(answer_save_call(None, None), failed);
         let mut buf = [0xAA; 8];
-        assert_eq!(answer_save_call(None, Some(&mut buf)).bytes_needed, 0);
+        assert_eq!(answer_save_call(None, Some(&mut buf)), failed);
         assert_eq!(buf, [0; 8]);
+    }
+
+    #[test]
+    fn the_save_identity_is_written_and_read_back() {
+        let rec = record(true);
+        let probe = answer_save(Some(&rec), Some(0xABCD), None);
+        assert_eq!(probe.status, NtStatus::BUFFER_TOO_SMALL);
+        assert_eq!(probe.bytes_needed, 76 + 12);
+        let mut buf = [0xAA; 100];
+        let write = answer_save(Some(&rec), Some(0xABCD), Some(&mut buf));
+        assert_eq!(write.status, NtStatus::SUCCESS);
+        assert_eq!(
+            DeliveryRecord::decode_saved(&buf),
+            Ok((rec, Some(0xABCD)))
+        );
+        // A reader that does not know the tag skips it: the record itself is unchanged.
+        assert_eq!(DeliveryRecord::decode(&buf), Ok(rec));
     }
 
     #[test]

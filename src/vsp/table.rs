@@ -14,14 +14,22 @@
 //!   outcome with no room to record it, so outcomes are never dropped.
 //! * `next_sequence` only grows; no sequence number is handed out twice, including across a
 //!   restore (the channel record carries it).
+//! * No two deliveries in flight share a sequence number: every slot that is occupied is in the
+//!   [`SequenceIndex`], and [`occupy`](DeliveryTable::occupy) refuses a sequence already there. With
+//!   the two invariants above (posts take fresh numbers, restores only fill a fresh table) no
+//!   sequence ends twice on a channel, on any path. [`DeliveryTable::check_invariants`] checks
+//!   all of this (tests and fuzzers call it).
+//! * Save accounting counts *writes*: a delivery is saved in an epoch when the save callback
+//!   wrote its record into a buffer KMCL provided, not when it answered the size probe.
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::num::NonZeroUsize;
 
+use super::sequence_index::{IndexError, SequenceIndex, mix};
 use crate::fallible::AllocError;
 use crate::kmcl::NtStatus;
-use crate::saved::{ChannelStats, DeliveryRecord};
+use crate::saved::{ChannelStats, DeliveryRecord, SaveIdentity};
 
 /// Bits of a token that hold `slot index + 1` (the rest is the slot's generation).
 const INDEX_BITS: u32 = 17;
@@ -76,9 +84,40 @@ struct Slot {
     saved_epoch: u32,
 }
 
+/// What one save saw, from `begin_save` until it is ended by `resume` or a completed migration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SaveAccount {
+    /// A save is open: anything that ends a delivery now makes the save stale.
+    pub open: bool,
+    /// Deliveries in flight when the save began: each must be written exactly once.
+    pub expected: u32,
+    /// Distinct deliveries whose record the save callback wrote.
+    pub written: u32,
+    /// The save callback wrote one delivery twice.
+    pub written_twice: bool,
+    /// The save callback was shown a packet that is no delivery of this table.
+    pub unknown_packet: bool,
+    /// A delivery ended (completed or cancelled) after the save began: the blob holds a
+    /// delivery this channel already finished.
+    pub ended_during_save: bool,
+}
+
+impl SaveAccount {
+    /// Whether the save holds every delivery in flight exactly once and nothing has ended since.
+    pub fn is_complete(&self) -> bool {
+        self.open
+            && self.written == self.expected
+            && !self.written_twice
+            && !self.unknown_packet
+            && !self.ended_during_save
+    }
+}
+
 /// The channel's delivery state. It lives behind a [`super::lock::DispatchLock`].
 pub struct DeliveryTable {
     slots: Vec<Slot>,
+    /// Sequence numbers in flight (see the module invariants).
+    index: SequenceIndex,
     free: Vec<u32>,
     outcomes: VecDeque<Outcome>,
     in_flight: u32,
@@ -98,11 +137,25 @@ pub struct DeliveryTable {
     pub(super) frozen: bool,
     /// Cancellations are recorded as [`OutcomeKind::Migrated`].
     pub(super) migrated: bool,
-    /// The current save epoch and how many distinct records it has written.
-    pub(super) save_epoch: u32,
-    pub(super) saved_in_epoch: u32,
+    /// The current save epoch (0: never saved) and what it saw.
+    save_epoch: u32,
+    pub(super) save: SaveAccount,
     /// Deliveries rebuilt by the restore callback.
     pub(super) restored: u32,
+    /// The identity of the open save (written into every delivery record it saves).
+    pub(super) save_identity: Option<SaveIdentity>,
+    /// The last save identity of this channel's lineage (restored from the channel record):
+    /// the next save's identity is derived from it, so ids never repeat along a lineage.
+    last_save_id: u64,
+    /// Restores this channel's lineage went through (1 for a channel restored once).
+    pub(super) restore_generation: u32,
+    /// The save this channel was restored from (0: not restored, or from a record without one).
+    pub(super) restored_save_id: u64,
+    /// While restoring: the save identity every delivery record must carry (`None`: the channel
+    /// record carried none, so no delivery record may carry one either).
+    pub(super) restore_binding: Option<u64>,
+    /// While restoring: the largest payload the saved channel allowed.
+    pub(super) restore_max_message_len: u32,
 }
 
 /// Why a post could not reserve a slot.
@@ -114,6 +167,26 @@ pub enum ReserveError {
     Full,
     /// The sequence space is exhausted (after 2^64 - 1 posts).
     SequenceExhausted,
+}
+
+/// Why a restored delivery was not inserted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertError {
+    /// The record contradicts the channel record or another restored delivery (a sequence that
+    /// was never handed out, one already restored, more deliveries than the record announced).
+    Forged,
+    /// No room (the channel was created with a smaller capacity than the blob needs).
+    NoRoom,
+}
+
+impl InsertError {
+    /// The status the restore callback reports.
+    pub const fn status(self) -> NtStatus {
+        match self {
+            Self::Forged => NtStatus::DATA_ERROR,
+            Self::NoRoom => NtStatus::INSUFFICIENT_RESOURCES,
+        }
+    }
 }
 
 impl ReserveError {
@@ -147,8 +220,10 @@ impl DeliveryTable {
         outcomes
             .try_reserve_exact(capacity as usize)
             .map_err(|_| AllocError)?;
+        let index = SequenceIndex::try_new(capacity)?;
         Ok(Self {
             slots,
+            index,
             free,
             outcomes,
             in_flight: 0,
@@ -161,8 +236,14 @@ impl DeliveryTable {
             frozen: false,
             migrated: false,
             save_epoch: 0,
-            saved_in_epoch: 0,
+            save: SaveAccount::default(),
             restored: 0,
+            save_identity: None,
+            last_save_id: 0,
+            restore_generation: 0,
+            restored_save_id: 0,
+            restore_binding: None,
+            restore_max_message_len: 0,
         })
     }
 
@@ -197,14 +278,30 @@ impl DeliveryTable {
         NonZeroUsize::new(raw).unwrap_or(NonZeroUsize::MIN)
     }
 
-    fn occupy(&mut self, record: DeliveryRecord) -> Option<Token> {
-        let index = self.free.pop()?;
-        let slot = self.slots.get_mut(index as usize)?;
+    fn sequence_in(slots: &[Slot], index: u32) -> Option<u64> {
+        slots
+            .get(index as usize)
+            .and_then(|slot| slot.delivery.as_ref())
+            .map(|delivery| delivery.sequence)
+    }
+
+    /// Puts `record` in a free slot; refuses a sequence already in flight.
+    fn occupy(&mut self, record: DeliveryRecord) -> Result<Token, IndexError> {
+        let Some(&index) = self.free.last() else {
+            return Err(IndexError::Crowded);
+        };
+        let slots = &self.slots;
+        self.index
+            .insert(record.sequence, index, |i| Self::sequence_in(slots, i))?;
+        self.free.pop();
+        let Some(slot) = self.slots.get_mut(index as usize) else {
+            return Err(IndexError::Crowded);
+        };
         slot.generation = slot.generation.wrapping_add(1) & (usize::MAX >> INDEX_BITS);
         slot.delivery = Some(record);
         slot.saved_epoch = 0;
         self.in_flight += 1;
-        Some(Self::token(index, slot.generation))
+        Ok(Self::token(index, slot.generation))
     }
 
     fn slot_for(&mut self, token: Token) -> Option<&mut Slot> {
@@ -242,7 +339,8 @@ impl DeliveryTable {
             attempts: 1,
             trace_id,
         };
-        let token = self.occupy(record).ok_or(ReserveError::Full)?;
+        // A fresh sequence is above every one in flight, so only a full index can refuse it.
+        let token = self.occupy(record).map_err(|_| ReserveError::Full)?;
         self.next_sequence = next;
         self.posts_in_progress = self.posts_in_progress.saturating_add(1);
         self.stats.posted = self.stats.posted.saturating_add(1);
@@ -260,6 +358,10 @@ impl DeliveryTable {
 
     fn release(&mut self, token: Token) -> Option<DeliveryRecord> {
         let index = (token.get() & INDEX_MASK).checked_sub(1)?;
+        let sequence = self.slot_for(token)?.delivery.as_ref()?.sequence;
+        let slots = &self.slots;
+        self.index
+            .remove(sequence, index as u32, |i| Self::sequence_in(slots, i));
         let delivery = self.slot_for(token)?.delivery.take()?;
         // INVARIANT: the index was occupied, so it is not on the free stack; the stack has
         // capacity for every index.
@@ -273,24 +375,73 @@ impl DeliveryTable {
         self.slot_for(token).and_then(|slot| slot.delivery)
     }
 
-    /// The delivery behind `token` for the save callback; counts it once per save epoch.
-    pub fn delivery_for_save(&mut self, token: Token) -> Option<DeliveryRecord> {
-        let epoch = self.save_epoch;
-        let slot = self.slot_for(token)?;
-        let delivery = slot.delivery?;
-        let first_time = slot.saved_epoch != epoch;
-        slot.saved_epoch = epoch;
-        if first_time {
-            self.saved_in_epoch += 1;
+    /// The delivery behind `token` for the save callback. A token that finds nothing marks the
+    /// open save as unusable: KMCL is saving a packet this table cannot account for.
+    pub fn delivery_for_save(&mut self, token: Option<Token>) -> Option<DeliveryRecord> {
+        let delivery = token.and_then(|token| self.delivery(token));
+        if delivery.is_none() && self.save.open {
+            self.save.unknown_packet = true;
         }
-        Some(delivery)
+        delivery
     }
 
-    /// Starts a new save epoch; returns the number of deliveries it must save.
-    pub fn begin_save_epoch(&mut self) -> u32 {
+    /// Records that the save callback wrote `token`'s record into KMCL's buffer (a probe is no
+    /// write). A second write of one delivery in one save fails the save.
+    pub fn record_save_write(&mut self, token: Token) {
+        if !self.save.open {
+            return;
+        }
+        let epoch = self.save_epoch;
+        let Some(slot) = self.slot_for(token) else {
+            self.save.unknown_packet = true;
+            return;
+        };
+        if slot.saved_epoch == epoch {
+            self.save.written_twice = true;
+        } else {
+            slot.saved_epoch = epoch;
+            self.save.written = self.save.written.saturating_add(1);
+        }
+    }
+
+    /// Opens a new save epoch with a fresh identity; returns the number of deliveries it must
+    /// write.
+    ///
+    /// The identity chains from the lineage's previous one and mixes in this table's key and
+    /// state, so two saves of one lineage never share it, and saves of different channels
+    /// collide only by chance (2^-64).
+    pub fn begin_save(&mut self) -> u32 {
         self.save_epoch = self.save_epoch.wrapping_add(1).max(1);
-        self.saved_in_epoch = 0;
+        let save_id = mix(self.last_save_id
+            ^ mix(self.index.key() ^ u64::from(self.save_epoch))
+            ^ mix(self.next_sequence.rotate_left(21) ^ self.stats.posted))
+        .max(1);
+        self.last_save_id = save_id;
+        self.save_identity = Some(SaveIdentity {
+            save_id,
+            restore_generation: self.restore_generation,
+        });
+        self.save = SaveAccount {
+            open: true,
+            expected: self.in_flight,
+            ..SaveAccount::default()
+        };
         self.in_flight
+    }
+
+    /// Closes the save window (the channel resumes, or was torn down for the migration).
+    pub fn close_save(&mut self) {
+        self.save.open = false;
+    }
+
+    /// Takes over the lineage of a restored channel record.
+    pub fn adopt_saved_identity(&mut self, identity: Option<SaveIdentity>) {
+        self.restore_binding = identity.map(|identity| identity.save_id);
+        self.restored_save_id = identity.map_or(0, |identity| identity.save_id);
+        self.last_save_id = identity.map_or(0, |identity| identity.save_id);
+        self.restore_generation = identity
+            .map_or(0, |identity| identity.restore_generation)
+            .saturating_add(1);
     }
 
     /// Ends a delivery: releases its slot and records the outcome.
@@ -300,8 +451,14 @@ impl DeliveryTable {
         classify: impl FnOnce(&DeliveryRecord) -> OutcomeKind,
     ) -> Option<Outcome> {
         let delivery = self.release(token)?;
+        if self.save.open {
+            self.save.ended_during_save = true;
+        }
         let mut kind = classify(&delivery);
-        if kind == OutcomeKind::Cancelled && self.migrated {
+        if self.migrated {
+            // The saved blob carries this delivery; its outcome belongs to the destination, which
+            // delivers it again (a guest recognises a redelivery by its sequence number,
+            // docs/protocol.md). This includes an acknowledgement that raced the teardown.
             kind = OutcomeKind::Migrated;
         }
         match kind {
@@ -344,18 +501,28 @@ impl DeliveryTable {
     }
 
     /// Inserts a delivery rebuilt from a saved record; its `attempts` grows by one.
-    pub fn insert_restored(&mut self, mut record: DeliveryRecord) -> Result<Token, NtStatus> {
+    ///
+    /// `expected` is how many deliveries the channel record announced: one more is forged.
+    pub fn insert_restored(
+        &mut self,
+        mut record: DeliveryRecord,
+        expected: u32,
+    ) -> Result<Token, InsertError> {
         if record.sequence == 0 || record.sequence >= self.next_sequence {
             // The channel record says this sequence was never handed out.
-            return Err(NtStatus::DATA_ERROR);
+            return Err(InsertError::Forged);
+        }
+        if self.restored >= expected {
+            return Err(InsertError::Forged);
         }
         if !self.has_room() {
-            return Err(NtStatus::INSUFFICIENT_RESOURCES);
+            return Err(InsertError::NoRoom);
         }
         record.attempts = record.attempts.saturating_add(1);
-        let token = self
-            .occupy(record)
-            .ok_or(NtStatus::INSUFFICIENT_RESOURCES)?;
+        let token = self.occupy(record).map_err(|error| match error {
+            IndexError::Duplicate => InsertError::Forged,
+            IndexError::Crowded => InsertError::NoRoom,
+        })?;
         self.restored = self.restored.saturating_add(1);
         Ok(token)
     }
@@ -367,22 +534,36 @@ impl DeliveryTable {
         }
     }
 
-    /// Whether two outstanding deliveries share a sequence number (a tampered blob).
+    /// Checks the module invariants with a full scan; `Err` names the first one broken.
     ///
-    /// `scratch` must have room for `in_flight` entries; it is reused to sort them.
-    pub fn has_duplicate_sequences(&self, scratch: &mut Vec<u64>) -> bool {
-        scratch.clear();
-        for slot in &self.slots {
-            if let Some(delivery) = &slot.delivery {
-                if scratch.len() == scratch.capacity() {
-                    // Cannot happen (capacity == slots); refuse rather than allocate.
-                    return true;
-                }
-                scratch.push(delivery.sequence);
+    /// For tests and fuzzers: it walks every slot, so it is not for the driver's hot paths.
+    pub fn check_invariants(&self) -> Result<(), &'static str> {
+        let occupied = self.slots.iter().filter(|s| s.delivery.is_some()).count();
+        if occupied != self.in_flight as usize {
+            return Err("in_flight counts the occupied slots");
+        }
+        if occupied + self.free.len() != self.slots.len() {
+            return Err("every slot is either free or occupied");
+        }
+        if self.index.len() != occupied {
+            return Err("the sequence index holds exactly the deliveries in flight");
+        }
+        for (position, slot) in self.slots.iter().enumerate() {
+            let Some(delivery) = &slot.delivery else {
+                continue;
+            };
+            let found = self.index.find(delivery.sequence, |i| Self::sequence_in(&self.slots, i));
+            if found != u32::try_from(position).ok() {
+                return Err("no two deliveries in flight share a sequence");
+            }
+            if delivery.sequence == 0 || delivery.sequence >= self.next_sequence {
+                return Err("every sequence in flight was handed out");
             }
         }
-        scratch.sort_unstable();
-        scratch.windows(2).any(|pair| pair[0] == pair[1])
+        if (self.in_flight as usize).saturating_add(self.outcomes.len()) > self.slots.len() {
+            return Err("in_flight + outcomes <= capacity");
+        }
+        Ok(())
     }
 }
 
@@ -461,48 +642,88 @@ mod tests {
         );
     }
 
-    #[test]
-    fn restored_records_are_checked_against_the_sequence_counter() {
-        let mut table = DeliveryTable::try_new(4).unwrap();
-        table.next_sequence = 10;
-        let record = DeliveryRecord {
-            sequence: 10,
+    fn record(sequence: u64) -> DeliveryRecord {
+        DeliveryRecord {
+            sequence,
             tag: 0,
             posted_at: 0,
             payload_len: 1,
             payload_crc: 0,
             attempts: 1,
             trace_id: None,
-        };
-        assert_eq!(table.insert_restored(record), Err(NtStatus::DATA_ERROR));
-        let token = table
-            .insert_restored(DeliveryRecord {
-                sequence: 9,
-                ..record
-            })
-            .unwrap();
-        assert_eq!(table.delivery(token).unwrap().attempts, 2);
-        table
-            .insert_restored(DeliveryRecord {
-                sequence: 9,
-                ..record
-            })
-            .unwrap();
-        let mut scratch = Vec::with_capacity(4);
-        assert!(table.has_duplicate_sequences(&mut scratch));
-        table.remove_restored(token);
-        assert!(!table.has_duplicate_sequences(&mut scratch));
+        }
     }
 
     #[test]
-    fn save_epoch_counts_each_delivery_once() {
+    fn restored_records_are_checked_against_the_sequence_counter() {
+        let mut table = DeliveryTable::try_new(4).unwrap();
+        table.next_sequence = 10;
+        assert_eq!(
+            table.insert_restored(record(10), 4),
+            Err(InsertError::Forged)
+        );
+        let token = table.insert_restored(record(9), 4).unwrap();
+        assert_eq!(table.delivery(token).unwrap().attempts, 2);
+        table.check_invariants().unwrap();
+    }
+
+    /// Issue #11, defect 2: the second copy of a sequence is refused when it is inserted, so no
+    /// teardown can end that sequence twice.
+    #[test]
+    fn a_duplicate_is_refused_on_insertion() {
+        let mut table = DeliveryTable::try_new(4).unwrap();
+        table.next_sequence = 10;
+        let first = table.insert_restored(record(9), 4).unwrap();
+        assert_eq!(table.insert_restored(record(9), 4), Err(InsertError::Forged));
+        assert_eq!(table.in_flight(), 1);
+        table.check_invariants().unwrap();
+        // After the first copy is gone the sequence is simply absent: still once.
+        table.remove_restored(first);
+        assert_eq!(table.in_flight(), 0);
+        table.check_invariants().unwrap();
+    }
+
+    /// Issue #11, defect 10: a blob bringing more deliveries than the record announced is forged,
+    /// not short of resources.
+    #[test]
+    fn more_deliveries_than_announced_is_forged() {
+        let mut table = DeliveryTable::try_new(8).unwrap();
+        table.next_sequence = 10;
+        table.insert_restored(record(1), 2).unwrap();
+        table.insert_restored(record(2), 2).unwrap();
+        assert_eq!(table.insert_restored(record(3), 2), Err(InsertError::Forged));
+    }
+
+    /// Issue #11, defect 1: probes do not count, a write does, a second write fails the save, and
+    /// so does anything ending while the save is open.
+    #[test]
+    fn save_accounting_counts_writes_once() {
         let mut table = ready(3);
         let (a, _) = table.reserve(1, 0, 1, 0, None).unwrap();
         table.finish_post(a, true);
-        assert_eq!(table.begin_save_epoch(), 1);
-        table.delivery_for_save(a).unwrap();
-        table.delivery_for_save(a).unwrap();
-        assert_eq!(table.saved_in_epoch, 1);
+        let (b, _) = table.reserve(2, 0, 1, 0, None).unwrap();
+        table.finish_post(b, true);
+        assert_eq!(table.begin_save(), 2);
+        // Probes of both deliveries.
+        table.delivery_for_save(Some(a)).unwrap();
+        table.delivery_for_save(Some(b)).unwrap();
+        assert!(!table.save.is_complete());
+        table.record_save_write(a);
+        table.record_save_write(b);
+        assert!(table.save.is_complete());
+        table.record_save_write(a);
+        assert!(table.save.written_twice && !table.save.is_complete());
+
+        assert_eq!(table.begin_save(), 2);
+        table.record_save_write(a);
+        table.record_save_write(b);
+        assert!(table.save.is_complete());
+        table.complete(a, |_| OutcomeKind::Acked).unwrap();
+        assert!(table.save.ended_during_save && !table.save.is_complete());
+
+        table.begin_save();
+        assert!(table.delivery_for_save(None).is_none());
+        assert!(table.save.unknown_packet);
     }
 
     #[test]

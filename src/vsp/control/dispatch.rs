@@ -551,7 +551,6 @@ where
             (
                 channel.statistics(),
                 channel.phase(),
-                channel.incoming_stopped(),
                 channel.config().max_in_flight,
                 channel.config().max_message_len,
             )
@@ -562,15 +561,12 @@ where
             Err(status) => *status,
         };
         let mut response = StatisticsResponse::new_zeroed_with(ResponseHeader::new(status, len));
-        if let Ok((statistics, phase, stopped, max_in_flight, max_message_len)) = result {
+        if let Ok((statistics, phase, max_in_flight, max_message_len)) = result {
             let stats = statistics.stats;
             response.phase = u32::from(phase as u8).into();
-            response.flags = if stopped {
-                wire::STATS_FLAG_INCOMING_STOPPED
-            } else {
-                0
-            }
-            .into();
+            // No flag is defined any more (see `wire::STATS_FLAG_INCOMING_STOPPED`).
+            response.flags = 0.into();
+            response.restore_generation = statistics.restore_generation.into();
             response.protocol_version = statistics.protocol_version.into();
             response.in_flight = statistics.in_flight.into();
             response.pending_outcomes = statistics.pending_outcomes.into();
@@ -753,7 +749,7 @@ impl StatisticsResponse {
             pending_outcomes: zero32,
             max_in_flight: zero32,
             max_message_len: zero32,
-            reserved: zero32,
+            restore_generation: zero32,
             next_sequence: zero64,
             corrupted: zero64,
             posted: zero64,

@@ -233,8 +233,10 @@ wire_struct! {
     }
 }
 
-/// [`StatisticsResponse::flags`]: a garbled guest packet stopped the incoming queue
-/// (`RestartIncoming` recovers).
+/// [`StatisticsResponse::flags`] bit 0, "a garbled guest packet stopped the incoming queue", as
+/// the first interface defined it. This build never sets it: vmbsrv answers a garbled packet
+/// with an error reply instead of `VmbChannelPacketFail` (docs/protocol.md), so the queue never
+/// stops. The bit stays reserved so that no later meaning is confused with the old one.
 pub const STATS_FLAG_INCOMING_STOPPED: u32 = 0x1;
 
 wire_struct! {
@@ -257,8 +259,9 @@ wire_struct! {
         max_in_flight: U32,
         /// The channel's `max_message_len`.
         max_message_len: U32,
-        /// Zero.
-        reserved: U32,
+        /// Restores the channel's lineage went through (0: never restored). Zero from builds
+        /// before it was defined.
+        restore_generation: U32,
         /// The next sequence number to be assigned.
         next_sequence: U64,
         /// Outcomes classified as corrupted (this channel instance only).
@@ -294,9 +297,13 @@ wire_struct! {
     }
 }
 
-/// The smallest output `SaveBegin` accepts: its fixed part plus a v1 channel record (128).
-/// Clients should offer [`SAVE_BEGIN_RECOMMENDED_OUTPUT_LEN`] so a longer future record fits.
-pub const SAVE_BEGIN_MIN_OUTPUT_LEN: usize = SAVE_BEGIN_RESPONSE_LEN + ChannelRecord::ENCODED_LEN;
+/// The smallest output `SaveBegin` accepts: its fixed part plus a v1 channel record with its
+/// save identity extension (24 + 104 + 20 = 148; docs/saved-state.md §5). Clients should offer
+/// [`SAVE_BEGIN_RECOMMENDED_OUTPUT_LEN`] so a longer future record fits.
+pub const SAVE_BEGIN_MIN_OUTPUT_LEN: usize = SAVE_BEGIN_RESPONSE_LEN
+    + ChannelRecord::ENCODED_LEN
+    + crate::saved::EXTENSION_ENTRY_HEADER_LEN
+    + 16;
 
 /// An output size for `SaveBegin` that fits any record the format allows.
 pub const SAVE_BEGIN_RECOMMENDED_OUTPUT_LEN: usize =
@@ -507,7 +514,7 @@ mod tests {
         assert_eq!(OUTCOME_ENTRY_LEN, 24);
         assert_eq!(STATISTICS_RESPONSE_LEN, 128);
         assert_eq!(SAVE_BEGIN_RESPONSE_LEN, 24);
-        assert_eq!(SAVE_BEGIN_MIN_OUTPUT_LEN, 128);
+        assert_eq!(SAVE_BEGIN_MIN_OUTPUT_LEN, 148);
         assert_eq!(SAVE_BEGIN_RECOMMENDED_OUTPUT_LEN, 24 + 4096);
         assert_eq!(SAVE_CONTINUE_RESPONSE_LEN, 32);
         assert_eq!(CHANNEL_DATA_REQUEST_LEN, 24);
