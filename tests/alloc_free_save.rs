@@ -299,7 +299,9 @@ fn table_refusal_paths_allocate_nothing() {
     let (results, allocations) = count(|| {
         (
             table.delivery_for_save(Some(token)),
-            table.insert_restored(record(1, false), 1).map_err(|e| e.status()),
+            table
+                .insert_restored(record(1, false), 1)
+                .map_err(|e| e.status()),
         )
     });
     assert_eq!(allocations, 0);

@@ -171,7 +171,11 @@ fn a_save_missing_its_last_chunk_cannot_complete_a_migration() {
         channel.save_begin().unwrap();
         let required = loop {
             let chunk = channel.save_continue(&mut buffer).unwrap();
-            assert_ne!(chunk.status, NtStatus::SUCCESS, "a delivery fit in 64 bytes");
+            assert_ne!(
+                chunk.status,
+                NtStatus::SUCCESS,
+                "a delivery fit in 64 bytes"
+            );
             if chunk.status == NtStatus::BUFFER_TOO_SMALL {
                 break chunk.required as usize;
             }
@@ -248,7 +252,11 @@ fn a_forged_duplicate_is_refused_on_insertion_and_ends_once() {
     sequences.sort_unstable();
     let before = sequences.len();
     sequences.dedup();
-    assert_eq!(before, sequences.len(), "a sequence ended twice: {outcomes:?}");
+    assert_eq!(
+        before,
+        sequences.len(),
+        "a sequence ended twice: {outcomes:?}"
+    );
     assert_eq!(cancelled, outcomes.len() as u64);
 }
 

@@ -52,7 +52,6 @@ use vmbsrv::kmcl::raw::{
     VMBCHANNEL, VMBPACKET, VMBPACKETCOMPLETION,
 };
 use vmbsrv::kmcl::{NtStatus, SERVER_INTERFACE_V1_SIZE, ServerInterface, VmbusHandle};
-use vmbsrv::saved::ChannelRecord;
 use vmbsrv::saved::crc32c;
 use vmbsrv::scenario::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config,

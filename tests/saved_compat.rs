@@ -86,7 +86,7 @@ fn crafted_record_matches_encoder() {
 #[test]
 fn unknown_optional_entries_are_skipped_anywhere_after_known_ones() {
     let mut area = entry(TAG_TRACE_ID, &[0xEE; 16]);
-    area.extend(entry(2, b"tag two from a newer build"));
+    area.extend(entry(3, b"tag three from a newer build"));
     area.extend(entry(0x0100, &[]));
     area.extend(entry(0x7FFF, &[1; MAX_EXTENSION_DATA_LEN]));
     let rec = craft(DeliveryRecord::MAGIC, 1, 0, &delivery_body(), &area);
@@ -99,7 +99,7 @@ fn unknown_optional_entries_are_skipped_anywhere_after_known_ones() {
         1,
         0,
         &buf[16..],
-        &entry(1, b"a channel field v1 does not know"),
+        &entry(2, b"a channel field v1 does not know"),
     );
     assert_eq!(ChannelRecord::decode(&rec), Ok(channel()));
 }
@@ -107,11 +107,11 @@ fn unknown_optional_entries_are_skipped_anywhere_after_known_ones() {
 #[test]
 fn unknown_critical_entries_are_rejected() {
     let mut area = entry(TAG_TRACE_ID, &[0xEE; 16]);
-    area.extend(entry(2 | CRITICAL_BIT, &[]));
+    area.extend(entry(3 | CRITICAL_BIT, &[]));
     let rec = craft(DeliveryRecord::MAGIC, 1, 0, &delivery_body(), &area);
     assert_eq!(
         DeliveryRecord::decode(&rec),
-        Err(RestoreError::UnknownCriticalField { tag: 2 })
+        Err(RestoreError::UnknownCriticalField { tag: 3 })
     );
 
     let ext = [Extension {

@@ -291,13 +291,20 @@ fn send_after_suspend() {
     let kmcl = Kmcl::default();
     let (d, g) = running(&kmcl, 11);
     d.pause();
-    let p = d.post(1, b"late");
+    // One send per thread may cross the suspend (it was under way): refused, not a violation.
+    let p = d.packet(1);
+    assert_eq!(d.send(p, b"late"), NtStatus::INVALID_DEVICE_STATE);
+    assert_eq!(kinds(&kmcl), vec![]);
+    // A second one from the same thread was started after the suspend: the violation.
+    assert_eq!(d.send(p, b"later"), NtStatus::INVALID_DEVICE_STATE);
     assert_eq!(kinds(&kmcl), vec![ViolationKind::SendWhileSuspended]);
-    // Queued, and sent once started again.
+    // Nothing was queued; after a start, sends work again.
     d.start();
     kmcl.wait_idle();
+    assert_eq!(g.ring_len(), 0);
+    assert_eq!(d.send(p, b"again"), NtStatus::SUCCESS);
+    kmcl.wait_idle();
     assert_eq!(g.ring_len(), 1);
-    let _ = p;
     teardown(&kmcl, &d);
     assert_eq!(kmcl.finish(), vec![]);
 }

@@ -408,19 +408,15 @@ fn unsent_packets_are_saved_only_with_the_setting() {
 #[test]
 fn restored_packet_context_setting() {
     let (g, chunks) = source(SimConfig::default(), 4096);
-    // Default (keep what was set before VmbPacketRestore): setting the routine after restore is
-    // flagged.
+    // Default (keep what was set before VmbPacketRestore): setting the routine again after the
+    // restore is allowed while the channel has never run — no completion can race it, and a
+    // driver must be able to re-bind under every reading (vmbsrv does).
     let kmcl = Kmcl::default();
     let d = Driver::new();
     d.create(&kmcl, 20);
     d.behave().restore = RestoreMode::SetAfter;
     assert_eq!(d.restore(&chunks), NtStatus::SUCCESS);
-    let v = kmcl.take_violations();
-    assert_eq!(v.len(), 4);
-    assert!(
-        v.iter()
-            .all(|v| v.kind == ViolationKind::PacketModifiedInFlight)
-    );
+    assert_eq!(kmcl.take_violations(), vec![]);
     d.disable();
     d.cleanup();
     kmcl.take_violations();

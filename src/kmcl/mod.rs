@@ -17,5 +17,7 @@ pub use channel::{
     Channel, GuestBytes, IncomingPacket, OwnedChannel, Packet, PacketView, ParentDevice,
     RestoredPacket, SaveChunk, VmbusHandle,
 };
-pub use interface::{InterfaceError, MAX_LEAKED_CHANNELS, SERVER_INTERFACE_V1_SIZE, ServerInterface};
+pub use interface::{
+    InterfaceError, MAX_LEAKED_CHANNELS, SERVER_INTERFACE_V1_SIZE, ServerInterface,
+};
 pub use status::{NtStatus, Result};

@@ -34,8 +34,8 @@ use super::guest::GuestModel;
 use super::ledger::{Ledger, Posted, Verdict};
 use crate::kmcl::raw::GUID;
 use crate::kmcl::{NtStatus, SERVER_INTERFACE_V1_SIZE, ServerInterface};
-use crate::saved::stream::{FrameKind, FrameReader, FrameWriter, frame_len};
 use crate::saved::crc32c;
+use crate::saved::stream::{FrameKind, FrameReader, FrameWriter, frame_len};
 use crate::sim::{
     Guest, Kmcl, SIM_KMCL_SERVER_INTERFACE_TYPE, SIM_KMCL_SERVER_INTERFACE_VERSION, SimConfig,
     SimSpinLock, Violation,

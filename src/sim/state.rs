@@ -120,6 +120,11 @@ pub(crate) struct Channel {
     pub(crate) opened_generation: u64,
     pub(crate) running: bool,
     pub(crate) suspended: bool,
+    /// Counts EvtChannelSuspend calls; `late_senders` belong to one of them.
+    pub(crate) suspend_generation: u64,
+    /// Threads that sent after the suspend of `late_generation` returned (each was refused).
+    pub(crate) late_senders: Vec<std::thread::ThreadId>,
+    pub(crate) late_generation: u64,
     pub(crate) queue_enabled: bool,
     pub(crate) queue_failed: bool,
     pub(crate) passive_busy: bool,
@@ -658,6 +663,9 @@ impl Shared {
                 opened_generation: 0,
                 running: false,
                 suspended: false,
+                suspend_generation: 0,
+                late_senders: Vec::new(),
+                late_generation: 0,
                 queue_enabled: false,
                 queue_failed: false,
                 passive_busy: false,
@@ -1253,11 +1261,34 @@ impl Shared {
             return NtStatus::INVALID_DEVICE_STATE;
         }
         if c.opened && c.suspended {
-            st.violation(
-                ViolationKind::SendWhileSuspended,
-                Some(call),
-                "send after EvtChannelSuspend, before the next EvtChannelStarted (§3.1); queued",
-            );
+            // A driver cannot make a send already under way return before its suspend callback
+            // does without waiting in that callback (which deadlocks if the library serializes
+            // sends against it), so one send per thread may cross the suspend: it is refused.
+            // A thread that sends again after that refusal started a new send after the
+            // suspend: the violation (§3.1).
+            let thread = std::thread::current().id();
+            let generation = c.suspend_generation;
+            let c = st.channels.get_mut(&ch);
+            let repeated = c.is_some_and(|c| {
+                if c.late_generation != generation {
+                    c.late_senders.clear();
+                    c.late_generation = generation;
+                }
+                let repeated = c.late_senders.contains(&thread);
+                if !repeated {
+                    c.late_senders.push(thread);
+                }
+                repeated
+            });
+            if repeated {
+                st.violation(
+                    ViolationKind::SendWhileSuspended,
+                    Some(call),
+                    "send after EvtChannelSuspend, before the next EvtChannelStarted, from a \
+                     thread whose earlier late send was already refused (§3.1)",
+                );
+            }
+            return NtStatus::INVALID_DEVICE_STATE;
         }
         let txid = NEXT_TXID.fetch_add(1, Ordering::Relaxed);
         if let Some(p) = st.packets.get_mut(&seq) {

@@ -176,6 +176,7 @@ fn run_passive<'a>(
             if let Some(c) = st.channels.get_mut(&seq) {
                 c.running = false;
                 c.suspended = true;
+                c.suspend_generation = c.suspend_generation.wrapping_add(1);
                 c.batch = 0;
             }
         }

@@ -698,7 +698,6 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
         self.vsp().statistics()
     }
 
-
     /// Takes up to `out.len()` recorded outcomes, oldest first; returns how many.
     pub fn drain_outcomes(&self, out: &mut [Outcome]) -> usize {
         self.vsp().table.with(|table| table.drain_outcomes(out))

@@ -159,10 +159,7 @@ mod tests {
         let mut buf = [0xAA; 100];
         let write = answer_save(Some(&rec), Some(0xABCD), Some(&mut buf));
         assert_eq!(write.status, NtStatus::SUCCESS);
-        assert_eq!(
-            DeliveryRecord::decode_saved(&buf),
-            Ok((rec, Some(0xABCD)))
-        );
+        assert_eq!(DeliveryRecord::decode_saved(&buf), Ok((rec, Some(0xABCD))));
         // A reader that does not know the tag skips it: the record itself is unchanged.
         assert_eq!(DeliveryRecord::decode(&buf), Ok(rec));
     }

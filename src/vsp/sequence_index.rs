@@ -124,10 +124,7 @@ impl SequenceIndex {
             return;
         };
         let mut next = (hole + 1) & self.mask;
-        loop {
-            let Some(&entry) = self.places.get(next) else {
-                break;
-            };
+        while let Some(&entry) = self.places.get(next) {
             if entry == EMPTY {
                 break;
             }
@@ -191,8 +188,7 @@ mod tests {
 
         fn insert(&mut self, slot: u32, sequence: u64) -> Result<(), IndexError> {
             let slots = &self.slots;
-            self.index
-                .insert(sequence, slot, |s| slots[s as usize])?;
+            self.index.insert(sequence, slot, |s| slots[s as usize])?;
             self.slots[slot as usize] = Some(sequence);
             Ok(())
         }
@@ -205,8 +201,7 @@ mod tests {
         }
 
         fn find(&self, sequence: u64) -> Option<u32> {
-            self.index
-                .find(sequence, |s| self.slots[s as usize])
+            self.index.find(sequence, |s| self.slots[s as usize])
         }
     }
 

@@ -552,7 +552,9 @@ impl DeliveryTable {
             let Some(delivery) = &slot.delivery else {
                 continue;
             };
-            let found = self.index.find(delivery.sequence, |i| Self::sequence_in(&self.slots, i));
+            let found = self
+                .index
+                .find(delivery.sequence, |i| Self::sequence_in(&self.slots, i));
             if found != u32::try_from(position).ok() {
                 return Err("no two deliveries in flight share a sequence");
             }
@@ -674,7 +676,10 @@ mod tests {
         let mut table = DeliveryTable::try_new(4).unwrap();
         table.next_sequence = 10;
         let first = table.insert_restored(record(9), 4).unwrap();
-        assert_eq!(table.insert_restored(record(9), 4), Err(InsertError::Forged));
+        assert_eq!(
+            table.insert_restored(record(9), 4),
+            Err(InsertError::Forged)
+        );
         assert_eq!(table.in_flight(), 1);
         table.check_invariants().unwrap();
         // After the first copy is gone the sequence is simply absent: still once.
@@ -691,7 +696,10 @@ mod tests {
         table.next_sequence = 10;
         table.insert_restored(record(1), 2).unwrap();
         table.insert_restored(record(2), 2).unwrap();
-        assert_eq!(table.insert_restored(record(3), 2), Err(InsertError::Forged));
+        assert_eq!(
+            table.insert_restored(record(3), 2),
+            Err(InsertError::Forged)
+        );
     }
 
     /// Issue #11, defect 1: probes do not count, a write does, a second write fails the save, and
