@@ -39,6 +39,23 @@ fn check_records(bytes: &[u8]) {
         let n = rec.encode(&mut buf).expect("a decoded record must encode");
         assert_eq!(ChannelRecord::decode(&buf[..n]), Ok(rec));
     }
+    // The save identity survives a round trip (docs/saved-state.md §5.3).
+    if let Ok((rec, id)) = DeliveryRecord::decode_saved(bytes) {
+        let mut buf = [0u8; DeliveryRecord::MAX_SAVED_LEN];
+        let n = rec
+            .encode_saved(id, &mut buf)
+            .expect("a decoded record must encode");
+        assert_eq!(n, rec.encoded_len_saved(id));
+        assert_eq!(DeliveryRecord::decode_saved(&buf[..n]), Ok((rec, id)));
+    }
+    if let Ok((rec, identity)) = ChannelRecord::decode_saved(bytes) {
+        let mut buf = [0u8; ChannelRecord::ENCODED_LEN + 20];
+        let n = rec
+            .encode_saved(identity, &mut buf)
+            .expect("a decoded record must encode");
+        assert_eq!(n, rec.encoded_len_saved(identity));
+        assert_eq!(ChannelRecord::decode_saved(&buf[..n]), Ok((rec, identity)));
+    }
 }
 
 fn check_stream(bytes: &[u8]) {

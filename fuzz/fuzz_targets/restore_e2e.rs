@@ -201,14 +201,24 @@ fn run(data: &[u8]) {
                 );
             }
         }
+        channel
+            .check_invariants()
+            .expect("delivery table invariants after the restore");
         let restored = channel.statistics().in_flight as usize;
         channel.disable().expect("disable");
         kmcl.wait_idle();
+        channel
+            .check_invariants()
+            .expect("delivery table invariants after the disable");
         let mut outcomes = Outcomes::default();
         outcomes.drain(&channel);
-        // One outcome per rebuilt packet (a forged blob may rebuild two packets with one
-        // sequence number; the restore then fails, and both still come back).
+        // One outcome per rebuilt packet, and no sequence ends twice: a forged blob that carries
+        // one sequence twice is refused when the second copy arrives (issue #11).
         assert_eq!(outcomes.count(), restored, "{outcomes:?}");
+        assert!(
+            outcomes.by_sequence.values().all(|kinds| kinds.len() == 1),
+            "a sequence ended twice: {outcomes:?}"
+        );
         assert!(
             outcomes
                 .by_sequence

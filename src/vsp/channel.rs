@@ -698,6 +698,12 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
         self.vsp().statistics()
     }
 
+    /// Checks the delivery table's invariants with a full scan (see [`DeliveryTable`]): for tests
+    /// and fuzzers, which call it after every step; never on a driver path.
+    pub fn check_invariants(&self) -> core::result::Result<(), &'static str> {
+        self.vsp().table.with(|table| table.check_invariants())
+    }
+
     /// Takes up to `out.len()` recorded outcomes, oldest first; returns how many.
     pub fn drain_outcomes(&self, out: &mut [Outcome]) -> usize {
         self.vsp().table.with(|table| table.drain_outcomes(out))
