@@ -15,7 +15,7 @@
 //! * `next_sequence` only grows; no sequence number is handed out twice, including across a
 //!   restore (the channel record carries it).
 //! * No two deliveries in flight share a sequence number: every slot that is occupied is in the
-//!   [`SequenceIndex`], and [`occupy`](DeliveryTable::occupy) refuses a sequence already there. With
+//!   [`SequenceIndex`], and inserting into a slot refuses a sequence already there. With
 //!   the two invariants above (posts take fresh numbers, restores only fill a fresh table) no
 //!   sequence ends twice on a channel, on any path. [`DeliveryTable::check_invariants`] checks
 //!   all of this (tests and fuzzers call it).
