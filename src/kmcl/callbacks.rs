@@ -54,6 +54,12 @@ pub trait ChannelEvents: Sync + Sized {
     fn outstanding_packets(&self) -> u32 {
         0
     }
+    /// Of [`outstanding_packets`](Self::outstanding_packets), those teardown should still wait
+    /// for; a handler that already waited for some (and gave them up) excludes them, so teardown
+    /// does not wait twice. They still keep the context alive.
+    fn packets_worth_waiting_for(&self) -> u32 {
+        self.outstanding_packets()
+    }
     /// Called at PASSIVE_LEVEL by teardown while [`outstanding_packets`](Self::outstanding_packets)
     /// is not 0, between two looks at it: give the processor to the thread that completes them.
     fn relax(&self) {

@@ -24,8 +24,11 @@ pub(super) struct Bound<'a, H> {
 }
 
 /// How many times teardown asks the handler to relax while packets KMCL owns are still
-/// unaccounted for after `VmbChannelDisable` (see [`OwnedChannel`]'s `Drop`).
-const TEARDOWN_WAIT_ROUNDS: u32 = 1 << 16;
+/// unaccounted for after `VmbChannelDisable` (see [`OwnedChannel`]'s `Drop`): 4,096 rounds of
+/// 50 µs in the driver, about 0.2 s. Long enough for completions the library runs just after
+/// Disable returns; a library that never returns them (a reading docs/kmcl-bindings.md lists)
+/// costs this once per torn-down channel, and the context is then kept, not freed.
+const TEARDOWN_WAIT_ROUNDS: u32 = 1 << 12;
 
 /// A server channel this driver allocated; dropping it disables it (if it was enabled or restored
 /// into) and cleans it up.
@@ -346,7 +349,7 @@ impl<H: ChannelEvents> Drop for OwnedChannel<'_, H> {
         self.disable();
         let handler = &self.bound.handler;
         let mut rounds = 0;
-        while handler.outstanding_packets() != 0 && rounds < TEARDOWN_WAIT_ROUNDS {
+        while handler.packets_worth_waiting_for() != 0 && rounds < TEARDOWN_WAIT_ROUNDS {
             handler.relax();
             rounds += 1;
         }

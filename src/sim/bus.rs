@@ -198,16 +198,15 @@ impl Kmcl {
     /// [`Kmcl::wait_idle`] with a timeout; returns whether it became idle.
     pub fn try_wait_idle(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let capacity = self.shared.config.ring_capacity;
         let mut st = self.shared.lock();
         loop {
-            if workers::is_idle(&st, capacity) {
+            if workers::is_idle(&st, &self.shared.config) {
                 return true;
             }
             let (guard, timed_out) = self.shared.wait_deadline(st, deadline);
             st = guard;
             if timed_out {
-                return workers::is_idle(&st, capacity);
+                return workers::is_idle(&st, &self.shared.config);
             }
         }
     }

@@ -1,6 +1,8 @@
 //! Simulator settings: the undocumented KMCL behaviours (kmcl-reference §7) as switches, resource
 //! bounds, and the fault plan.
 
+use std::format;
+use std::string::String;
 use std::time::Duration;
 use std::vec::Vec;
 
@@ -314,6 +316,71 @@ pub enum RestoredPacketContext {
     /// `VmbPacketRestore` resets routine and pointer (as if it re-initialised the object); the
     /// driver must set them after a successful restore, which this mode allows.
     ResetOnRestore,
+    /// `VmbPacketRestore` resets the completion routine but keeps the context pointer: a driver
+    /// that re-sets the routine only when the pointer changed never hears of the delivery again.
+    ResetRoutineKeepPointer,
+}
+
+/// kmcl-reference §0.1: what `VmbChannelDisable` does to packets restored into a channel that was
+/// never enabled (a restore that failed, or a restored channel torn down before Enable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DisableRestored {
+    /// Default: Disable cancels them and returns once every completion routine has run.
+    #[default]
+    CompleteBeforeReturn,
+    /// Disable returns at once; their completion routines run later on the DPC (before or after
+    /// `VmbChannelCleanup` — a driver that frees its context at Cleanup is then used after free).
+    CompleteLater,
+    /// Disable does not touch them: their completion routines never run, and Cleanup drops the
+    /// packet objects (the library owns them).
+    Never,
+}
+
+/// kmcl-reference §0.1: what `VmbChannelPause` waits for before it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PauseWaits {
+    /// Default (the header's state model): the suspend callback ran and no incoming packet is
+    /// outstanding.
+    #[default]
+    Incoming,
+    /// Also (the header's `VmbChannelPause` text, "all packets that are waiting for completion
+    /// have completed") every outgoing packet the guest holds: completions keep being delivered
+    /// while it waits, and it returns only when the guest has completed them all.
+    IncomingAndOutgoing,
+}
+
+/// kmcl-reference §0.1: whether `VmbPacketSend` runs concurrently with `EvtChannelSuspend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SendVsSuspend {
+    /// Default: a send may run while the suspend callback runs (one send per thread may cross it;
+    /// it is refused).
+    #[default]
+    Concurrent,
+    /// The library serializes them: a send issued while the suspend callback runs waits until the
+    /// callback has returned (and is then refused). A driver that waits in its suspend callback
+    /// for a send under way deadlocks.
+    Serialized,
+}
+
+/// kmcl-reference §0.1: whether packet completions run while the channel is paused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CompletionsWhilePaused {
+    /// Default: guest completions wait in the ring until the channel runs again.
+    #[default]
+    Held,
+    /// The library keeps processing guest completions while the channel is open but paused,
+    /// including between `VmbChannelSaveBegin` and `VmbChannelSaveEnd`.
+    Delivered,
+}
+
+/// kmcl-reference §0.1: what `VmbChannelPacketFail` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PacketFailReading {
+    /// Default: the incoming packet is retired (as if completed) and the incoming queue stops.
+    #[default]
+    Retires,
+    /// The queue stops but the packet stays outstanding: a later Pause waits for it forever.
+    DoesNotRetire,
 }
 
 /// Simulator settings. `SimConfig::default()` is the conservative reading of every undocumented
@@ -359,11 +426,24 @@ pub struct SimConfig {
     /// who also re-sealed the library's own container, so only the driver's validation stands
     /// between the bytes and the kernel. `None` (default) hands them back unchanged.
     pub tamper_driver_bytes: Option<fn(u64, &mut Vec<u8>)>,
+    /// §0.1 — `VmbChannelDisable` on a never-enabled channel holding restored packets.
+    pub disable_restored: DisableRestored,
+    /// §0.1 — what `VmbChannelPause` waits for.
+    pub pause_waits: PauseWaits,
+    /// §0.1 — `VmbPacketSend` against `EvtChannelSuspend`.
+    pub send_vs_suspend: SendVsSuspend,
+    /// §0.1 — guest completions while the channel is paused.
+    pub completions_while_paused: CompletionsWhilePaused,
+    /// §0.1 — `VmbChannelPacketFail`.
+    pub packet_fail: PacketFailReading,
 }
 
 impl Default for SimConfig {
+    /// The strictest reading of every undocumented point, then any readings named in the
+    /// environment variable [`READINGS_ENV`] (see [`SimConfig::apply_readings`]), so that a whole
+    /// test suite can be run under another reading without changing a line of it.
     fn default() -> SimConfig {
-        SimConfig {
+        let mut config = SimConfig {
             save_requires: SaveRequires::default(),
             incoming_at_save: IncomingAtSave::default(),
             restore_timing: RestoreTiming::default(),
@@ -378,6 +458,188 @@ impl Default for SimConfig {
             hang_timeout: Duration::from_secs(5),
             faults: FaultPlan::default(),
             tamper_driver_bytes: None,
+            disable_restored: DisableRestored::default(),
+            pause_waits: PauseWaits::default(),
+            send_vs_suspend: SendVsSuspend::default(),
+            completions_while_paused: CompletionsWhilePaused::default(),
+            packet_fail: PacketFailReading::default(),
+        };
+        if let Ok(spec) = std::env::var(READINGS_ENV) {
+            // A malformed setting must not silently test the defaults: fail loudly.
+            if let Err(e) = config.apply_readings(&spec) {
+                panic!("{READINGS_ENV}={spec:?}: {e}");
+            }
+        }
+        config
+    }
+}
+
+/// Environment variable read by [`SimConfig::default`]: a reading specification such as
+/// `pause_waits=outgoing,disable_restored=never` (see [`SimConfig::apply_readings`]).
+pub const READINGS_ENV: &str = "VMBSRV_SIM_READINGS";
+
+/// Every undocumented point the simulator can play, with its readings; the first reading of each
+/// is the default. `scripts/readings-matrix.sh` builds its combinations from this table.
+pub const READINGS: &[(&str, &[&str])] = &[
+    ("save_requires", &["paused", "any"]),
+    ("incoming_at_save", &["refuse", "not_saved"]),
+    ("restore_timing", &["before_enable", "after_enable"]),
+    ("restore_buf", &["as_reported", "padded"]),
+    ("save_unsent", &["no", "yes"]),
+    ("restored_context", &["keep", "reset", "reset_routine"]),
+    ("disable_restored", &["before_return", "later", "never"]),
+    ("pause_waits", &["incoming", "outgoing"]),
+    ("send_vs_suspend", &["concurrent", "serialized"]),
+    ("completions_while_paused", &["held", "delivered"]),
+    ("packet_fail", &["retires", "keeps"]),
+];
+
+/// Why a reading specification was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadingsError(pub String);
+
+impl core::fmt::Display for ReadingsError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl SimConfig {
+    /// Applies a reading specification: comma-separated `point=reading` pairs from [`READINGS`]
+    /// (whitespace around items ignored, empty items allowed). Unknown points or readings are
+    /// refused and nothing is changed.
+    pub fn apply_readings(&mut self, spec: &str) -> Result<(), ReadingsError> {
+        let mut next = self.clone();
+        for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let Some((point, reading)) = item.split_once('=') else {
+                return Err(ReadingsError(format!("`{item}` is not point=reading")));
+            };
+            let (point, reading) = (point.trim(), reading.trim());
+            let Some((_, readings)) = READINGS.iter().find(|(p, _)| *p == point) else {
+                return Err(ReadingsError(format!("unknown point `{point}`")));
+            };
+            let Some(k) = readings.iter().position(|r| *r == reading) else {
+                return Err(ReadingsError(format!(
+                    "`{point}` has no reading `{reading}` (one of {})",
+                    readings.join(", ")
+                )));
+            };
+            next.set_reading(point, k);
+        }
+        *self = next;
+        Ok(())
+    }
+
+    /// Sets point `point` to its `k`-th reading in [`READINGS`] (both already validated).
+    fn set_reading(&mut self, point: &str, k: usize) {
+        match point {
+            "save_requires" => {
+                self.save_requires = [SaveRequires::Paused, SaveRequires::AnyState][k];
+            }
+            "incoming_at_save" => {
+                self.incoming_at_save = [IncomingAtSave::Refuse, IncomingAtSave::NotSaved][k];
+            }
+            "restore_timing" => {
+                self.restore_timing = [RestoreTiming::BeforeEnable, RestoreTiming::AfterEnable][k];
+            }
+            "restore_buf" => {
+                self.restore_save_buf_size = [
+                    RestoreSaveBufSize::AsReported,
+                    RestoreSaveBufSize::PaddedWithZeros,
+                ][k];
+            }
+            "save_unsent" => self.save_unsent_packets = k == 1,
+            "restored_context" => {
+                self.restored_packet_context = [
+                    RestoredPacketContext::KeepSetBeforeRestore,
+                    RestoredPacketContext::ResetOnRestore,
+                    RestoredPacketContext::ResetRoutineKeepPointer,
+                ][k];
+            }
+            "disable_restored" => {
+                self.disable_restored = [
+                    DisableRestored::CompleteBeforeReturn,
+                    DisableRestored::CompleteLater,
+                    DisableRestored::Never,
+                ][k];
+            }
+            "pause_waits" => {
+                self.pause_waits = [PauseWaits::Incoming, PauseWaits::IncomingAndOutgoing][k];
+            }
+            "send_vs_suspend" => {
+                self.send_vs_suspend = [SendVsSuspend::Concurrent, SendVsSuspend::Serialized][k];
+            }
+            "completions_while_paused" => {
+                self.completions_while_paused = [
+                    CompletionsWhilePaused::Held,
+                    CompletionsWhilePaused::Delivered,
+                ][k];
+            }
+            "packet_fail" => {
+                self.packet_fail =
+                    [PacketFailReading::Retires, PacketFailReading::DoesNotRetire][k];
+            }
+            _ => {}
+        }
+    }
+
+    /// The readings this configuration plays, as a specification [`SimConfig::apply_readings`]
+    /// accepts (every point named, in [`READINGS`] order).
+    pub fn readings(&self) -> String {
+        let chosen = [
+            self.save_requires as usize,
+            self.incoming_at_save as usize,
+            self.restore_timing as usize,
+            self.restore_save_buf_size as usize,
+            usize::from(self.save_unsent_packets),
+            self.restored_packet_context as usize,
+            self.disable_restored as usize,
+            self.pause_waits as usize,
+            self.send_vs_suspend as usize,
+            self.completions_while_paused as usize,
+            self.packet_fail as usize,
+        ];
+        READINGS
+            .iter()
+            .zip(chosen)
+            .map(|((point, readings), k)| format!("{point}={}", readings[k]))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_round_trip_through_their_specification() {
+        for (point, readings) in READINGS {
+            for reading in *readings {
+                let mut config = SimConfig::default();
+                config
+                    .apply_readings(&format!("{point}={reading}"))
+                    .unwrap();
+                let spec = config.readings();
+                assert!(spec.contains(&format!("{point}={reading}")), "{spec}");
+                let mut again = SimConfig::default();
+                again.apply_readings(&spec).unwrap();
+                assert_eq!(again.readings(), spec);
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_specification_changes_nothing() {
+        let mut config = SimConfig::default();
+        let before = config.readings();
+        for bad in [
+            "pause_waits=outgoing,nonsense=1",
+            "pause_waits",
+            "pause_waits=sideways",
+        ] {
+            assert!(config.apply_readings(bad).is_err(), "{bad}");
+            assert_eq!(config.readings(), before);
         }
     }
 }

@@ -31,8 +31,9 @@ mod workers;
 
 pub use bus::{ChannelInfo, Kmcl};
 pub use config::{
-    Fault, FaultPlan, IncomingAtSave, KmclCall, RestoreSaveBufSize, RestoreTiming,
-    RestoredPacketContext, SaveRequires, SimConfig,
+    CompletionsWhilePaused, DisableRestored, Fault, FaultPlan, IncomingAtSave, KmclCall,
+    PacketFailReading, PauseWaits, READINGS, READINGS_ENV, ReadingsError, RestoreSaveBufSize,
+    RestoreTiming, RestoredPacketContext, SaveRequires, SendVsSuspend, SimConfig,
 };
 pub use guest::{Guest, GuestChannelState, GuestError, HostPacket, Reply};
 pub use irql::{Irql, IrqlGuard, current_irql, raise_irql};

@@ -16,8 +16,9 @@ use std::time::Instant;
 use std::vec::Vec;
 
 use super::config::{
-    IncomingAtSave, KmclCall, RestoreSaveBufSize, RestoreTiming, RestoredPacketContext,
-    SaveRequires, SimConfig,
+    CompletionsWhilePaused, DisableRestored, IncomingAtSave, KmclCall, PacketFailReading,
+    PauseWaits, RestoreSaveBufSize, RestoreTiming, RestoredPacketContext, SaveRequires,
+    SendVsSuspend, SimConfig,
 };
 use super::container::{self, LibState, Location, Unit};
 use super::guest::{GuestShared, OpenState, Reply, RingEntry};
@@ -107,6 +108,7 @@ pub(crate) struct Channel {
     pub(crate) interface_type: GUID,
     pub(crate) interface_instance: GUID,
     pub(crate) friendly_name: String,
+    pub(crate) friendly_name_set: bool,
     pub(crate) vmbus_handle: usize,
     pub(crate) target_vtl: u8,
     pub(crate) mmio_megabytes: (u16, u16),
@@ -125,6 +127,10 @@ pub(crate) struct Channel {
     /// Threads that sent after the suspend of `late_generation` returned (each was refused).
     pub(crate) late_senders: Vec<std::thread::ThreadId>,
     pub(crate) late_generation: u64,
+    /// `EvtChannelSuspend` is running ([`SendVsSuspend::Serialized`] makes sends wait for it).
+    pub(crate) suspend_callback_running: bool,
+    /// EvtChannelStarted ran since the last `VmbChannelEnable`.
+    pub(crate) ran_since_enable: bool,
     pub(crate) queue_enabled: bool,
     pub(crate) queue_failed: bool,
     pub(crate) passive_busy: bool,
@@ -441,6 +447,29 @@ impl State {
         self.open_guest(seq)
     }
 
+    /// Whether guest completions on the channel are being processed: while incoming packets are
+    /// ([`State::flowing`]), and also while the channel is open but paused where the reading says
+    /// the library keeps completing ([`CompletionsWhilePaused::Delivered`], or a Pause that waits
+    /// for outgoing packets, [`PauseWaits::IncomingAndOutgoing`]).
+    pub(crate) fn completions_flow(
+        &self,
+        seq: u32,
+        config: &SimConfig,
+    ) -> Option<Arc<GuestShared>> {
+        if let Some(guest) = self.flowing(seq) {
+            return Some(guest);
+        }
+        let c = self.channels.get(&seq)?;
+        let while_paused = config.completions_while_paused == CompletionsWhilePaused::Delivered
+            || config.pause_waits == PauseWaits::IncomingAndOutgoing;
+        // Only on a channel that ran since it was enabled: one enabled for a restore (never
+        // started) processes nothing, or completions would race the restore.
+        if !(while_paused && c.opened && c.ran_since_enable && c.lifecycle != Lifecycle::Disabled) {
+            return None;
+        }
+        self.open_guest(seq)
+    }
+
     /// Queues cancellation of the channel's packets in flight (`Sent` only, or also `Queued`).
     pub(crate) fn cancel_in_flight(&mut self, seq: u32, include_queued: bool) {
         let Some(c) = self.channels.get_mut(&seq) else {
@@ -650,6 +679,9 @@ impl Shared {
                 interface_type: GUID::default(),
                 interface_instance: GUID::default(),
                 friendly_name: String::new(),
+                friendly_name_set: false,
+                suspend_callback_running: false,
+                ran_since_enable: false,
                 vmbus_handle: 0,
                 target_vtl: 0,
                 mmio_megabytes: (0, 0),
@@ -709,6 +741,32 @@ impl Shared {
                 Some(call),
                 "VmbChannelSaveBegin without VmbChannelSaveEnd",
             );
+        }
+        // Completion routines the library still owes this channel (Disable returned before
+        // running them) run before Cleanup frees the channel: the library cannot call back
+        // through a channel it has freed.
+        st = self.wait_until(
+            st,
+            Some(call),
+            "completion routines owed to the channel",
+            |st| st.dpc_busy != Some(seq) && !st.dpc_work.iter().any(|w| w.channel == seq),
+        );
+        // Packets the library still owns (never handed back, under
+        // `DisableRestored::Never`) are the library's to drop; only the driver's own are leaks.
+        let owned: Vec<u32> = st
+            .packets
+            .iter()
+            .filter_map(|(p, pk)| {
+                (pk.channel == seq && pk.state != PacketState::Idle).then_some(*p)
+            })
+            .collect();
+        for p in owned {
+            st.packets.remove(&p);
+            st.retire(p);
+        }
+        if let Some(c) = st.channels.get_mut(&seq) {
+            c.in_flight.clear();
+            c.host_queue.clear();
         }
         let leaked: Vec<u32> = st
             .packets
@@ -782,6 +840,7 @@ impl Shared {
             return NtStatus::INVALID_DEVICE_STATE;
         }
         c.lifecycle = Lifecycle::Enabled;
+        c.ran_since_enable = false;
         c.suspended = false;
         c.opened = false;
         c.running = false;
@@ -809,8 +868,19 @@ impl Shared {
             Lifecycle::Disabled => {
                 // Never enabled (or already disabled): packets restored into it are still in
                 // flight and are cancelled like those of a running channel.
+                // What happens to them is undocumented (kmcl-reference §0.1): one reading each.
                 if c.in_flight.is_empty() && c.host_queue.is_empty() {
                     return;
+                }
+                match self.config.disable_restored {
+                    DisableRestored::Never => return,
+                    DisableRestored::CompleteLater => {
+                        st.cancel_in_flight(seq, true);
+                        drop(st);
+                        self.notify();
+                        return;
+                    }
+                    DisableRestored::CompleteBeforeReturn => {}
                 }
                 st.cancel_in_flight(seq, true);
                 self.notify();
@@ -888,10 +958,11 @@ impl Shared {
             return;
         }
         self.notify();
+        let outgoing = self.config.pause_waits == PauseWaits::IncomingAndOutgoing;
         let st = self.wait_until(st, Some(call), "the channel to pause", |st| {
-            st.channels
-                .get(&seq)
-                .is_none_or(|c| !c.running && !c.passive_busy)
+            st.channels.get(&seq).is_none_or(|c| {
+                !c.running && !c.passive_busy && (!outgoing || !c.opened || c.in_flight.is_empty())
+            })
         });
         drop(st);
     }
@@ -1029,6 +1100,20 @@ impl Shared {
             KmclCall::ChannelPacketFail
         };
         let mut st = self.lock();
+        if reply.is_none() && self.config.packet_fail == PacketFailReading::DoesNotRetire {
+            // The queue stops; the packet stays outstanding and the guest gets no answer.
+            let Some(channel) = st.incoming.get(&pc).map(|inc| inc.channel) else {
+                st.dead_handle(call, Kind::Completion, pc);
+                return;
+            };
+            let _ = st.tick(call);
+            if let Some(c) = st.channels.get_mut(&channel) {
+                c.queue_failed = true;
+            }
+            drop(st);
+            self.notify();
+            return;
+        }
         let Some(inc) = st.incoming.remove(&pc) else {
             st.dead_handle(call, Kind::Completion, pc);
             return;
@@ -1226,10 +1311,34 @@ impl Shared {
             );
             return NtStatus::INVALID_PARAMETER;
         }
+        let Some(ch) = st.packets.get(&seq).map(|p| p.channel) else {
+            return NtStatus::INVALID_PARAMETER_1;
+        };
+        let suspending = |st: &State| {
+            st.channels
+                .get(&ch)
+                .is_some_and(|c| c.suspend_callback_running)
+        };
+        if self.config.send_vs_suspend == SendVsSuspend::Serialized && suspending(&st) {
+            if irql::in_state_change_callback() {
+                st.violation(
+                    ViolationKind::SendWhileSuspended,
+                    Some(call),
+                    "send from inside EvtChannelSuspend: deadlocks where sends are serialized \
+                     against it",
+                );
+                return NtStatus::INVALID_DEVICE_STATE;
+            }
+            st = self.wait_until(
+                st,
+                Some(call),
+                "EvtChannelSuspend to return (sends are serialized against it)",
+                |st| !suspending(st),
+            );
+        }
         let Some(p) = st.packets.get(&seq) else {
             return NtStatus::INVALID_PARAMETER_1;
         };
-        let ch = p.channel;
         if p.state != PacketState::Idle {
             let state = p.state;
             st.violation(
@@ -1730,6 +1839,15 @@ impl Shared {
                 c.lifecycle == Lifecycle::Enabled && !c.running && !c.passive_busy
             }
         };
+        if !timing_ok
+            && self.config.restore_timing == RestoreTiming::AfterEnable
+            && c.lifecycle == Lifecycle::Disabled
+            && c.restore == RestorePhase::Idle
+        {
+            // A clean refusal, nothing changed: the driver may enable the channel and retry (the
+            // timing is undocumented, so asking is legitimate).
+            return NtStatus::INVALID_DEVICE_STATE;
+        }
         if !timing_ok {
             let detail = format!(
                 "restore on a channel that is {:?} (running: {}); SimConfig::restore_timing = {:?}",
@@ -1942,7 +2060,10 @@ impl Shared {
             }
         };
         NEXT_TXID.fetch_max(lib.txid.saturating_add(1), Ordering::Relaxed);
-        let reset = self.config.restored_packet_context == RestoredPacketContext::ResetOnRestore;
+        let reset_routine =
+            self.config.restored_packet_context != RestoredPacketContext::KeepSetBeforeRestore;
+        let reset_pointer =
+            self.config.restored_packet_context == RestoredPacketContext::ResetOnRestore;
         let force_new = st.channels.get(&ch).is_some_and(|c| {
             c.server_flags & VMBUS_SERVER_CHANNEL_INIT_FLAG_FORCE_NEW_CHANNEL != 0
         });
@@ -1950,8 +2071,10 @@ impl Shared {
         let Some(p) = st.packets.get_mut(&seq) else {
             return NtStatus::INVALID_PARAMETER_1;
         };
-        if reset {
+        if reset_routine {
             p.routine = None;
+        }
+        if reset_pointer {
             p.pointer = DriverPtr::NULL;
         }
         p.txid = lib.txid;

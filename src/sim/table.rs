@@ -405,8 +405,18 @@ kmcl_fn! {
             };
             let name = read_unicode(name);
             shared.init_call(seq, call, |c, found| match name {
+                // The header (19041 and later): a second call returns STATUS_INVALID_PARAMETER_2
+                // (kmcl-reference §0.1).
+                Ok(_) if c.friendly_name_set => {
+                    found.push((
+                        ViolationKind::InvalidArgument,
+                        String::from("friendly name set twice"),
+                    ));
+                    NtStatus::INVALID_PARAMETER_2
+                }
                 Ok(name) => {
                     c.friendly_name = name;
+                    c.friendly_name_set = true;
                     NtStatus::SUCCESS
                 }
                 Err(problem) => {

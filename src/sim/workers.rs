@@ -13,6 +13,7 @@
 use std::sync::{Arc, MutexGuard};
 use std::vec::Vec;
 
+use super::config::SimConfig;
 use super::guest::{OpenState, ToHost};
 use super::handle::Kind;
 use super::invoke;
@@ -128,6 +129,7 @@ fn run_passive<'a>(
             st = shared.lock();
             if let Some(c) = st.channels.get_mut(&seq) {
                 c.running = true;
+                c.ran_since_enable = true;
                 c.suspended = false;
                 c.queue_enabled = true;
                 c.queue_failed = false;
@@ -146,9 +148,16 @@ fn run_passive<'a>(
             st = shared.wait_until(st, None, "process-packet callbacks to return", |st| {
                 st.dpc_busy != Some(seq)
             });
+            if let Some(c) = st.channels.get_mut(&seq) {
+                c.suspend_callback_running = true;
+            }
             drop(st);
             invoke::state_change(id, callbacks.and_then(|c| c.EvtChannelSuspend), handle);
             st = shared.lock();
+            if let Some(c) = st.channels.get_mut(&seq) {
+                c.suspend_callback_running = false;
+            }
+            shared.notify();
             // Packets deferred to PASSIVE but not redelivered are retired by the library.
             let deferred: Vec<u32> = st
                 .channels
@@ -286,13 +295,22 @@ fn level(incoming_at_passive: bool) -> Irql {
 }
 
 /// Takes the next DPC job (doing any pure bookkeeping on the way).
-fn take_dpc_job(st: &mut State, ring_capacity: usize) -> Option<DpcJob> {
+fn take_dpc_job(st: &mut State, config: &SimConfig) -> Option<DpcJob> {
+    let ring_capacity = config.ring_capacity;
     let seqs: Vec<u32> = st.channels.keys().copied().collect();
     for &seq in &seqs {
         st.flush(seq, ring_capacity);
     }
     while let Some(work) = st.dpc_work.pop_front() {
         if let Some(job) = complete_packet(st, work.channel, work.packet, work.status, Vec::new()) {
+            return Some(job);
+        }
+    }
+    for &seq in &seqs {
+        if st.flowing(seq).is_some() {
+            continue;
+        }
+        if let Some(job) = paused_completion(st, seq, config) {
             return Some(job);
         }
     }
@@ -379,14 +397,49 @@ fn take_dpc_job(st: &mut State, ring_capacity: usize) -> Option<DpcJob> {
     None
 }
 
+/// Processes one guest completion of a channel that is open but not running, where the reading
+/// says completions keep flowing while paused (requests stay queued: the library buffers them).
+fn paused_completion(st: &mut State, seq: u32, config: &SimConfig) -> Option<DpcJob> {
+    loop {
+        let guest = st.completions_flow(seq, config)?;
+        let mut mem = guest.memory();
+        let at = mem
+            .to_host
+            .iter()
+            .position(|m| matches!(m, ToHost::Completion { .. }))?;
+        let Some(ToHost::Completion { txid, payload }) = mem.to_host.remove(at) else {
+            return None;
+        };
+        let packet = st.channels.get_mut(&seq)?.in_flight.remove(&txid);
+        match packet {
+            Some(packet) => {
+                drop(mem);
+                if let Some(job) = complete_packet(st, seq, packet, NtStatus::SUCCESS, payload) {
+                    return Some(job);
+                }
+            }
+            None => mem.ignored_completions += 1,
+        }
+    }
+}
+
 /// Whether the DPC worker has something to do.
-fn dpc_runnable(st: &State, ring_capacity: usize) -> bool {
+fn dpc_runnable(st: &State, config: &SimConfig) -> bool {
+    let ring_capacity = config.ring_capacity;
     if !st.dpc_work.is_empty() {
         return true;
     }
     st.channels.iter().any(|(&seq, c)| {
         if st.flushable(seq, ring_capacity) {
             return true;
+        }
+        if st.flowing(seq).is_none() {
+            return st.completions_flow(seq, config).is_some_and(|g| {
+                g.memory()
+                    .to_host
+                    .iter()
+                    .any(|m| matches!(m, ToHost::Completion { .. }))
+            });
         }
         let Some(guest) = st.flowing(seq) else {
             return false;
@@ -405,24 +458,23 @@ fn dpc_runnable(st: &State, ring_capacity: usize) -> bool {
 
 /// Whether the instance is idle: no callback running, no transition pending, nothing the DPC
 /// could process.
-pub(crate) fn is_idle(st: &State, ring_capacity: usize) -> bool {
+pub(crate) fn is_idle(st: &State, config: &SimConfig) -> bool {
     !st.passive_busy
         && st.dpc_busy.is_none()
         && next_passive_job(st).is_none()
-        && !dpc_runnable(st, ring_capacity)
+        && !dpc_runnable(st, config)
 }
 
 /// The DPC worker's loop.
 pub(crate) fn dpc_loop(shared: Arc<Shared>) {
     irql::mark_worker(shared.id);
-    let capacity = shared.config.ring_capacity;
     let id = shared.id;
     let mut st = shared.lock();
     loop {
         if st.shutdown {
             return;
         }
-        let Some(job) = take_dpc_job(&mut st, capacity) else {
+        let Some(job) = take_dpc_job(&mut st, &shared.config) else {
             // Bookkeeping may have changed what waiters see.
             shared.notify();
             st = shared.wait(st);

@@ -66,6 +66,8 @@ use crate::saved::{
 const POST_WAIT_ROUNDS: u32 = 20_000;
 /// Rounds `resume` waits for the channel to run again after `VmbChannelStart` (one second).
 const START_WAIT_ROUNDS: u32 = 20_000;
+/// Rounds `disable` waits for KMCL to hand back packets after `VmbChannelDisable` (0.1 s).
+const RETURN_WAIT_ROUNDS: u32 = 2_048;
 
 /// What a channel is created with.
 #[derive(Clone, Copy, Debug)]
@@ -394,8 +396,14 @@ impl<L: DispatchLock<DeliveryTable>> Vsp<L> {
 
 impl<L: DispatchLock<DeliveryTable>> ChannelEvents for Vsp<L> {
     fn outstanding_packets(&self) -> u32 {
-        // Every delivery in flight is a packet KMCL owns (sent or restored); a post between
+        // Every delivery in flight is a packet KMCL owns (sent or restored), and so is every
+        // packet whose delivery was settled without it after a Disable; a post between
         // reservation and send also counts, which only makes teardown more careful.
+        self.table.with(|table| table.packets_kmcl_owns())
+    }
+
+    fn packets_worth_waiting_for(&self) -> u32 {
+        // `disable` already waited for the packets it gave up on.
         self.table.with(|table| table.in_flight())
     }
 
@@ -490,10 +498,16 @@ impl<L: DispatchLock<DeliveryTable>> ChannelEvents for Vsp<L> {
             None
         };
         if let Some(token) = packet.token() {
-            // A token that matches nothing (it cannot happen for our own packets) is ignored:
-            // there is no delivery to record it against.
+            // A token that matches nothing belongs to a packet whose delivery was already settled
+            // after a Disable that did not return it (`abandon_unreturned`): nothing to record,
+            // but the packet is accounted for.
             self.table.with(|table| {
-                table.complete(token, |delivery| Self::classify(status, ack, delivery))
+                if table
+                    .complete(token, |delivery| Self::classify(status, ack, delivery))
+                    .is_none()
+                {
+                    table.completion_without_delivery();
+                }
             });
         }
         packet.free();
@@ -590,6 +604,8 @@ pub struct VspChannel<'a, L: DispatchLock<DeliveryTable>> {
     config: ChannelConfig,
     /// Serializes control operations (save, restore, resume, disable); posts do not take it.
     busy: AtomicBool,
+    /// The channel was enabled (not started) so that the library would take a restore.
+    enabled_for_restore: AtomicBool,
 }
 
 impl<L: DispatchLock<DeliveryTable>> Drop for VspChannel<'_, L> {
@@ -653,11 +669,14 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
             channel,
             config: *config,
             busy: AtomicBool::new(false),
+            enabled_for_restore: AtomicBool::new(false),
         })
     }
 
     fn enable_and_start(&self) -> Result<()> {
-        self.channel.enable()?;
+        if !self.enabled_for_restore.load(Ordering::Acquire) {
+            self.channel.enable()?;
+        }
         self.channel.start();
         self.vsp().set_phase(Phase::Running);
         Ok(())
@@ -975,7 +994,20 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
         let _guard = self.control()?;
         self.expect_phase(&[Phase::Restoring])?;
         let vsp = self.vsp();
-        let status = self.channel.restore_from_buffer(chunk);
+        let mut status = self.channel.restore_from_buffer(chunk);
+        if status == NtStatus::INVALID_DEVICE_STATE
+            && !self.enabled_for_restore.load(Ordering::Acquire)
+            && vsp.table.with(|table| table.restored) == 0
+        {
+            // Whether the library restores before or after `VmbChannelEnable` is undocumented
+            // (docs/kmcl-bindings.md, "Undocumented points"). Before is tried first: nothing is
+            // offered until the deliveries exist. A library that refuses it gets the channel
+            // enabled but not started — no packet or completion is processed before Start — and
+            // the same chunk again.
+            self.channel.enable()?;
+            self.enabled_for_restore.store(true, Ordering::Release);
+            status = self.channel.restore_from_buffer(chunk);
+        }
         if status == NtStatus::MORE_PROCESSING_REQUIRED {
             return Ok(RestoreProgress::NeedMore);
         }
@@ -1036,6 +1068,18 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
         let _ = self.vsp().freeze_posts();
         self.vsp().table.with(|table| table.close_save());
         self.channel.disable();
+        // On a channel that never ran (restored into, or enabled for a restore and never
+        // started) Disable may return before handing the restored packets back, or never hand
+        // them back (undocumented; docs/kmcl-bindings.md). Wait a bounded time, then settle what
+        // is left as cancelled: the guest never saw those packets here. The packets themselves
+        // stay counted until KMCL returns them, so teardown never frees what KMCL can reach.
+        let vsp = self.vsp();
+        let mut rounds = 0;
+        while vsp.table.with(|table| table.in_flight()) != 0 && rounds < RETURN_WAIT_ROUNDS {
+            L::relax();
+            rounds += 1;
+        }
+        vsp.table.with(|table| table.abandon_unreturned());
         if self.vsp().phase() != Phase::Migrated {
             self.vsp().set_phase(Phase::Disabled);
         }

@@ -156,6 +156,10 @@ pub struct DeliveryTable {
     pub(super) restore_binding: Option<u64>,
     /// While restoring: the largest payload the saved channel allowed.
     pub(super) restore_max_message_len: u32,
+    /// Packets KMCL still owns whose deliveries were settled without them
+    /// ([`abandon_unreturned`](Self::abandon_unreturned)); a completion that finds no delivery
+    /// accounts for one of them.
+    unreturned: u32,
 }
 
 /// Why a post could not reserve a slot.
@@ -244,6 +248,7 @@ impl DeliveryTable {
             restored_save_id: 0,
             restore_binding: None,
             restore_max_message_len: 0,
+            unreturned: 0,
         })
     }
 
@@ -525,6 +530,42 @@ impl DeliveryTable {
         })?;
         self.restored = self.restored.saturating_add(1);
         Ok(token)
+    }
+
+    /// Settles every delivery still in flight as [`OutcomeKind::Cancelled`] after a
+    /// `VmbChannelDisable` that did not hand their packets back (a channel that never ran: a
+    /// restore that failed or was never finished; whether and when the library returns such
+    /// packets is undocumented). Their tokens go stale, so a completion that still arrives finds
+    /// nothing and only [accounts](Self::completion_without_delivery) for its packet. Returns how
+    /// many were settled.
+    pub fn abandon_unreturned(&mut self) -> u32 {
+        let mut settled = 0;
+        for index in 0..self.slots.len() {
+            let Some(slot) = self.slots.get(index) else {
+                break;
+            };
+            if slot.delivery.is_none() {
+                continue;
+            }
+            let token = Self::token(index as u32, slot.generation);
+            if self.complete(token, |_| OutcomeKind::Cancelled).is_some() {
+                settled += 1;
+            }
+        }
+        self.restored = self.restored.saturating_sub(settled);
+        self.unreturned = self.unreturned.saturating_add(settled);
+        settled
+    }
+
+    /// A completion whose token found no delivery: one of the
+    /// [abandoned](Self::abandon_unreturned) packets came back after all.
+    pub fn completion_without_delivery(&mut self) {
+        self.unreturned = self.unreturned.saturating_sub(1);
+    }
+
+    /// Packets KMCL may still hand back: deliveries in flight plus abandoned packets not yet seen.
+    pub fn packets_kmcl_owns(&self) -> u32 {
+        self.in_flight.saturating_add(self.unreturned)
     }
 
     /// Undoes [`insert_restored`](Self::insert_restored) when the packet could not be restored.
