@@ -190,7 +190,6 @@ mod random_schedules {
 
 mod aborted {
     use vmbsrv::kmcl::NtStatus;
-    use vmbsrv::saved::crc32c;
     use vmbsrv::scenario::migration::{
         Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
         restore_channel, save_channel,
@@ -225,13 +224,7 @@ mod aborted {
                 trace_id: None,
             })
             .unwrap();
-        ledger.posted(
-            sequence,
-            Posted {
-                tag,
-                payload_crc: crc32c(&payload),
-            },
-        );
+        ledger.posted(sequence, Posted::new(tag, &payload));
     }
 
     /// Save twice, resume after each (the migration is called off), then migrate for real: every

@@ -34,7 +34,6 @@ use super::guest::GuestModel;
 use super::ledger::{Ledger, Posted, Verdict};
 use crate::kmcl::raw::GUID;
 use crate::kmcl::{NtStatus, SERVER_INTERFACE_V1_SIZE, ServerInterface};
-use crate::saved::crc32c;
 use crate::saved::stream::{FrameKind, FrameReader, FrameWriter, frame_len};
 use crate::sim::{
     Guest, Kmcl, SIM_KMCL_SERVER_INTERFACE_TYPE, SIM_KMCL_SERVER_INTERFACE_VERSION, SimConfig,
@@ -285,13 +284,7 @@ impl Traffic<'_> {
             };
             match host.channel.post(&request) {
                 Ok(sequence) => {
-                    self.ledger.posted(
-                        sequence,
-                        Posted {
-                            tag,
-                            payload_crc: crc32c(&payload),
-                        },
-                    );
+                    self.ledger.posted(sequence, Posted::new(tag, &payload));
                     self.posted += 1;
                     if let Some(progress) = self.config.progress
                         && self.posted.is_multiple_of(1000)
