@@ -359,6 +359,10 @@ pub struct SimConfig {
     /// who also re-sealed the library's own container, so only the driver's validation stands
     /// between the bytes and the kernel. `None` (default) hands them back unchanged.
     pub tamper_driver_bytes: Option<fn(u64, &mut Vec<u8>)>,
+    /// Who runs the simulated KMCL work: worker threads (default) or, in deterministic mode, the
+    /// thread that waits for it, in an order drawn from a seed (docs/simulator.md,
+    /// "Deterministic mode").
+    pub schedule: Schedule,
 }
 
 impl Default for SimConfig {
@@ -378,6 +382,27 @@ impl Default for SimConfig {
             hang_timeout: Duration::from_secs(5),
             faults: FaultPlan::default(),
             tamper_driver_bytes: None,
+            schedule: Schedule::default(),
         }
     }
+}
+
+/// How a simulator instance schedules KMCL's own work: state transitions and their callbacks
+/// (the passive context), process-packet callbacks, completion routines and host → guest ring
+/// transfers (the DPC context). See docs/simulator.md, "Deterministic mode".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Schedule {
+    /// Default: two worker threads, one per context, racing the driver's threads as KMCL's
+    /// contexts do on Windows. Runs differ from one another; this is what finds races.
+    #[default]
+    Threaded,
+    /// No worker threads. A thread that waits for KMCL (a blocking call such as
+    /// `VmbChannelPause`, [`Kmcl::wait_idle`](super::Kmcl::wait_idle), the guest's polling
+    /// waits, the VSP's bounded waits) runs the pending work itself, one step at a time; when
+    /// both contexts have work, `seed` decides which goes first. The same driver calls with the
+    /// same seed replay exactly.
+    Deterministic {
+        /// Seed of the scheduling choices.
+        seed: u64,
+    },
 }

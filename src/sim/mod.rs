@@ -24,6 +24,7 @@ mod handle;
 mod invoke;
 mod irql;
 mod lock;
+mod schedule;
 mod state;
 mod table;
 mod verifier;
@@ -32,7 +33,7 @@ mod workers;
 pub use bus::{ChannelInfo, Kmcl};
 pub use config::{
     Fault, FaultPlan, IncomingAtSave, KmclCall, RestoreSaveBufSize, RestoreTiming,
-    RestoredPacketContext, SaveRequires, SimConfig,
+    RestoredPacketContext, SaveRequires, Schedule, SimConfig,
 };
 pub use guest::{Guest, GuestChannelState, GuestError, HostPacket, Reply};
 pub use irql::{Irql, IrqlGuard, current_irql, raise_irql};
