@@ -15,10 +15,11 @@
 //!   for the deterministic instances created on the calling thread;
 //! * [`Kmcl::step`](super::Kmcl::step), for a test that wants to interleave by hand.
 //!
-//! A step is one turn of one context's loop, exactly what its worker would have done next: a
-//! state transition with its callbacks (passive), or the ring transfers plus one completion
-//! routine, process-packet callback or processing-complete callback (DPC). When both contexts
-//! have work, the seed decides which goes first. The step runs on the waiting thread marked as a
+//! A step is one turn of one context's loop, what its worker would have done next: a state
+//! transition with its callbacks (passive), or ring transfers plus one completion routine,
+//! process-packet callback or processing-complete callback (DPC). The seed decides two things:
+//! which context goes first when both have work, and how far a DPC step fills the host → guest
+//! ring (1 to `ring_capacity` packets), which is what a guest reading concurrently would see. The step runs on the waiting thread marked as a
 //! simulator worker of the instance, so the contract checks stay what they are in threaded mode
 //! (a blocking KMCL call from a callback is still a violation). While one context's step is under
 //! way (say a Suspend transition waiting for incoming packets to be completed), a nested wait can
@@ -98,8 +99,13 @@ impl Shared {
         if passive_first {
             workers::passive_once(self, st)
         } else {
+            // The transfers of this step fill the ring only part of the way, as far as the seed
+            // says: a DPC racing a reading guest moves a varying share before the guest looks.
+            // Later steps (and `wait_idle`, which counts a ring with room as work) fill the rest.
+            let capacity = self.config.ring_capacity.max(1);
+            let limit = 1 + (self.schedule.next() % capacity as u64) as usize;
             // Ring transfers alone (no callback to run) are progress too.
-            let (st, _) = workers::dpc_once(self, st);
+            let (st, _) = workers::dpc_once(self, st, limit);
             (st, true)
         }
     }

@@ -439,7 +439,7 @@ pub(crate) fn dpc_loop(shared: Arc<Shared>) {
         if st.shutdown {
             return;
         }
-        let (guard, ran) = dpc_once(&shared, st);
+        let (guard, ran) = dpc_once(&shared, st, shared.config.ring_capacity);
         st = guard;
         if !ran {
             st = shared.wait(st);
@@ -452,14 +452,17 @@ pub(crate) fn dpc_ready(st: &State, ring_capacity: usize) -> bool {
     st.dpc_busy.is_none() && dpc_runnable(st, ring_capacity)
 }
 
-/// Runs the next DPC job, if any (after the bookkeeping that comes first: ring transfers);
-/// returns whether a job ran. One turn of the DPC worker's loop, or one deterministic step.
+/// Runs the next DPC job, if any (after the bookkeeping that comes first: ring transfers, which
+/// fill each ring up to `ring_limit` packets); returns whether a job ran. One turn of the DPC
+/// worker's loop (`ring_limit` is the ring capacity), or one deterministic step (a seeded limit
+/// up to it: the DPC got that far before the guest looked).
 pub(crate) fn dpc_once<'a>(
     shared: &'a Shared,
     mut st: MutexGuard<'a, State>,
+    ring_limit: usize,
 ) -> (MutexGuard<'a, State>, bool) {
     let id = shared.id;
-    let Some(job) = take_dpc_job(&mut st, shared.config.ring_capacity) else {
+    let Some(job) = take_dpc_job(&mut st, ring_limit) else {
         // Bookkeeping may have changed what waiters see.
         shared.notify();
         return (st, false);
