@@ -199,7 +199,7 @@ mod aborted {
         restore_channel, save_channel,
     };
     use vmbsrv::scenario::{GuestModel, Ledger, Posted, Rng};
-    use vmbsrv::sim::{Guest, Kmcl};
+    use vmbsrv::sim::{Guest, Kmcl, Schedule, SimConfig};
     use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, VspChannel};
 
     fn drain(channel: &VspChannel<'_, Lock>, ledger: &mut Ledger) {
@@ -235,10 +235,25 @@ mod aborted {
     /// message is still delivered exactly once, and the final restore carries the right state.
     #[test]
     fn aborted_migrations_resume_exactly_once() {
+        aborted_migrations(Schedule::Threaded);
+    }
+
+    /// The same on deterministic simulators: resume's wait for the channel to run is then the
+    /// thread that runs the start (through `DispatchLock::relax`, docs/simulator.md).
+    #[test]
+    fn aborted_migrations_resume_exactly_once_deterministic() {
+        aborted_migrations(Schedule::Deterministic { seed: 42 });
+    }
+
+    fn aborted_migrations(schedule: Schedule) {
+        let sim = SimConfig {
+            schedule,
+            ..vmbsrv::scenario::MigrationConfig::sim_for(32)
+        };
         let mut ledger = Ledger::new();
         let mut rng = Rng::new(42);
         let mut guest = GuestModel::new(Guest::new(SCENARIO_INTERFACE_TYPE, SCENARIO_INSTANCE));
-        let kmcl_a = Kmcl::new(vmbsrv::scenario::MigrationConfig::sim_for(32));
+        let kmcl_a = Kmcl::new(sim.clone());
         let stream = {
             let interface = query_server_interface(&kmcl_a).unwrap();
             kmcl_a.attach_guest(&guest.endpoint).unwrap();
@@ -269,8 +284,10 @@ mod aborted {
                     Err(NtStatus::INVALID_DEVICE_STATE),
                     "round {round}"
                 );
+                // Resume returns once posting works: a post right after it is accepted, with no
+                // wait for the simulator in between (docs/control.md, resume).
                 channel.resume().unwrap();
-                kmcl_a.wait_idle();
+                post(&channel, &mut ledger, 2000 + round);
                 guest.acknowledge(5, Some(&mut rng));
                 kmcl_a.wait_idle();
                 drain(&channel, &mut ledger);
@@ -284,7 +301,7 @@ mod aborted {
             stream
         };
         assert_eq!(kmcl_a.finish(), Vec::new());
-        let kmcl_b = Kmcl::new(vmbsrv::scenario::MigrationConfig::sim_for(32));
+        let kmcl_b = Kmcl::new(sim);
         {
             let interface = query_server_interface(&kmcl_b).unwrap();
             let channel: VspChannel<'_, Lock> =
@@ -312,6 +329,6 @@ mod aborted {
         assert_eq!(kmcl_b.finish(), Vec::new());
         let verdict = ledger.verdict();
         assert!(verdict.is_clean(), "{verdict:?}");
-        assert_eq!(verdict.delivered, 41);
+        assert_eq!(verdict.delivered, 43);
     }
 }
