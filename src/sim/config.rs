@@ -398,9 +398,9 @@ pub enum Schedule {
     Threaded,
     /// No worker threads. A thread that waits for KMCL (a blocking call such as
     /// `VmbChannelPause`, [`Kmcl::wait_idle`](super::Kmcl::wait_idle), the guest's polling
-    /// waits, the VSP's bounded waits) runs the pending work itself, one step at a time; when
-    /// both contexts have work, `seed` decides which goes first. The same driver calls with the
-    /// same seed replay exactly.
+    /// waits, the VSP's bounded waits) runs the pending work itself, one step at a time. `seed`
+    /// decides which context goes first when both have work, and how far each DPC step fills
+    /// the guest's ring. The same driver calls with the same seed replay exactly.
     Deterministic {
         /// Seed of the scheduling choices.
         seed: u64,
