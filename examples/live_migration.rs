@@ -6,7 +6,9 @@
 //!
 //! A channel carries thousands of messages while the guest acknowledges out of order; the channel
 //! is saved mid-flight in small chunks, torn down, restored into a new channel on a new simulator
-//! instance, and delivery finishes there. The last line is
+//! instance, and delivery finishes there. By default the simulators run in deterministic mode
+//! (docs/simulator.md): one seed gives one report, timings aside; `--threaded` lets the
+//! simulator's worker threads race the driver instead. The last line is
 //! `RESULT: delivered=<n> lost=<n> duplicated=<n> corrupted=<n>`; the exit status is non-zero if
 //! anything was lost, duplicated or corrupted, or the simulator recorded a contract violation.
 
@@ -24,6 +26,9 @@ usage: live_migration [options]
   --cut N          posts before the save cuts in           (default messages/2)
   --seed N         seed of every random choice             (default 1)
   --in-order       the guest acknowledges oldest first (default: random order)
+  --threaded       simulator worker threads race the driver, as on Windows; figures vary
+                   from run to run (default: deterministic, the seed decides the schedule
+                   and a run replays exactly)
   --json           print the report as JSON
   --quiet          no progress indicator";
 
@@ -39,6 +44,7 @@ fn parse_args() -> Result<Options, String> {
     let mut cut = None;
     let mut json = false;
     let mut quiet = false;
+    let mut threaded = false;
     let mut args = std::env::args().skip(1);
     let number = |name: &str, value: Option<String>| -> Result<u64, String> {
         value
@@ -63,6 +69,7 @@ fn parse_args() -> Result<Options, String> {
             "--in-order" => config.out_of_order = false,
             "--json" => json = true,
             "--quiet" => quiet = true,
+            "--threaded" => threaded = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option {other}")),
         }
@@ -75,6 +82,9 @@ fn parse_args() -> Result<Options, String> {
     }
     config.cut = Cut::AfterPosts(cut.unwrap_or(config.messages / 2));
     config.sim = MigrationConfig::sim_for(config.max_in_flight);
+    if !threaded {
+        config = config.deterministic();
+    }
     Ok(Options {
         config,
         json,
@@ -91,8 +101,13 @@ fn print_text(config: &MigrationConfig, report: &MigrationReport) {
     let verdict = report.verdict;
     println!("vmbsrv simulated live migration");
     println!(
-        "  seed {}, in-flight limit {}, payloads 1..={} bytes, guest acks {}",
+        "  seed {}, {} simulator, in-flight limit {}, payloads 1..={} bytes, guest acks {}",
         config.seed,
+        if config.is_deterministic() {
+            "deterministic"
+        } else {
+            "threaded"
+        },
         config.max_in_flight,
         config.max_message_len,
         if config.out_of_order {
@@ -153,12 +168,13 @@ fn print_text(config: &MigrationConfig, report: &MigrationReport) {
 fn print_json(config: &MigrationConfig, report: &MigrationReport) {
     let verdict = report.verdict;
     println!(
-        "{{\"seed\":{},\"max_in_flight\":{},\"max_message_len\":{},\"out_of_order\":{},\
+        "{{\"seed\":{},\"deterministic\":{},\"max_in_flight\":{},\"max_message_len\":{},\"out_of_order\":{},\
 \"messages_posted\":{},\"in_flight_at_save\":{},\"held_by_guest_at_save\":{},\"bytes_saved\":{},\
 \"chunks\":{},\"chunk_size\":{},\"save_time_ns\":{},\"restore_time_ns\":{},\
 \"save_ns_per_packet\":{:.1},\"restore_ns_per_packet\":{:.1},\"migrated\":{},\"violations\":{},\
 \"delivered\":{},\"lost\":{},\"duplicated\":{},\"corrupted\":{}}}",
         config.seed,
+        config.is_deterministic(),
         config.max_in_flight,
         config.max_message_len,
         config.out_of_order,

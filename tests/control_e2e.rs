@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use vmbsrv::kmcl::{NtStatus, ParentDevice, Result, ServerInterface, VmbusHandle};
+use vmbsrv::saved::ChannelRecord;
 use vmbsrv::saved::stream::{FrameKind, FrameReader, FrameWriter, frame_len};
-use vmbsrv::saved::{ChannelRecord, crc32c};
 use vmbsrv::scenario::migration::{
     SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, query_server_interface,
 };
@@ -304,13 +304,7 @@ fn post_fetch_statistics_destroy() {
         let payload = payload(tag);
         let (status, sequence) = post(&registry, &env, ALICE, id, tag, &payload);
         assert_eq!(status, NtStatus::SUCCESS);
-        ledger.posted(
-            sequence,
-            Posted {
-                tag,
-                payload_crc: crc32c(&payload),
-            },
-        );
+        ledger.posted(sequence, Posted::new(tag, &payload));
     }
     // Over the channel's own limit (256): the channel says so.
     let (status, _) = post(&registry, &env, ALICE, id, 99, &[0u8; 257]);
@@ -778,13 +772,7 @@ fn migration_through_the_control_interface_delivers_exactly_once() {
             let payload = payload(tag);
             let (status, sequence) = post(&registry, &env, ALICE, id, tag, &payload);
             assert_eq!(status, NtStatus::SUCCESS);
-            ledger.posted(
-                sequence,
-                Posted {
-                    tag,
-                    payload_crc: crc32c(&payload),
-                },
-            );
+            ledger.posted(sequence, Posted::new(tag, &payload));
         }
         kmcl_a.wait_idle();
         guest.pump(&mut ledger);
@@ -871,13 +859,7 @@ fn migration_through_the_control_interface_delivers_exactly_once() {
             let payload = payload(tag);
             let (status, sequence) = post(&registry, &env, ALICE, id, tag, &payload);
             assert_eq!(status, NtStatus::SUCCESS);
-            ledger.posted(
-                sequence,
-                Posted {
-                    tag,
-                    payload_crc: crc32c(&payload),
-                },
-            );
+            ledger.posted(sequence, Posted::new(tag, &payload));
         }
         kmcl_b.wait_idle();
         guest.pump(&mut ledger);

@@ -489,13 +489,7 @@ fn a_corrupted_payload_is_reported_as_corrupted() {
             .unwrap();
         kmcl.wait_idle();
         let mut ledger = Ledger::new();
-        ledger.posted(
-            sequence,
-            Posted {
-                tag: 9,
-                payload_crc: vmbsrv::saved::crc32c(&payload),
-            },
-        );
+        ledger.posted(sequence, Posted::new(9, &payload));
         assert_eq!(guest.pump(&mut ledger), 1);
         let txid = guest.endpoint.awaiting_completion()[0];
         // The guest claims it saw different bytes.

@@ -3,7 +3,7 @@
 #![cfg(feature = "sim")]
 
 use vmbsrv::scenario::{Cut, MigrationConfig, MigrationReport, run_live_migration};
-use vmbsrv::sim::{RestoreSaveBufSize, RestoredPacketContext, SaveRequires, SimConfig};
+use vmbsrv::sim::{RestoreSaveBufSize, RestoredPacketContext, SaveRequires, Schedule, SimConfig};
 
 fn run(config: &MigrationConfig) -> MigrationReport {
     let report =
@@ -158,9 +158,12 @@ mod random_schedules {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
+        /// On deterministic simulators (docs/simulator.md), so a failing case replays exactly
+        /// from the values proptest prints: `sim_seed` picks the interleaving of KMCL's contexts.
         #[test]
         fn any_schedule_delivers_exactly_once(
             seed in any::<u64>(),
+            sim_seed in any::<u64>(),
             messages in 1u64..400,
             cut_fraction in 0u64..=100,
             cut_kind in 0u8..4,
@@ -183,6 +186,7 @@ mod random_schedules {
             config.out_of_order = out_of_order;
             config.cut = cut;
             config.sim = MigrationConfig::sim_for(max_in_flight);
+            config.sim.schedule = Schedule::Deterministic { seed: sim_seed };
             run(&config);
         }
     }
@@ -190,13 +194,12 @@ mod random_schedules {
 
 mod aborted {
     use vmbsrv::kmcl::NtStatus;
-    use vmbsrv::saved::crc32c;
     use vmbsrv::scenario::migration::{
         Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
         restore_channel, save_channel,
     };
     use vmbsrv::scenario::{GuestModel, Ledger, Posted, Rng};
-    use vmbsrv::sim::{Guest, Kmcl};
+    use vmbsrv::sim::{Guest, Kmcl, Schedule, SimConfig};
     use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, VspChannel};
 
     fn drain(channel: &VspChannel<'_, Lock>, ledger: &mut Ledger) {
@@ -225,23 +228,32 @@ mod aborted {
                 trace_id: None,
             })
             .unwrap();
-        ledger.posted(
-            sequence,
-            Posted {
-                tag,
-                payload_crc: crc32c(&payload),
-            },
-        );
+        ledger.posted(sequence, Posted::new(tag, &payload));
     }
 
     /// Save twice, resume after each (the migration is called off), then migrate for real: every
     /// message is still delivered exactly once, and the final restore carries the right state.
     #[test]
     fn aborted_migrations_resume_exactly_once() {
+        aborted_migrations(Schedule::Threaded);
+    }
+
+    /// The same on deterministic simulators: resume's wait for the channel to run is then the
+    /// thread that runs the start (through `DispatchLock::relax`, docs/simulator.md).
+    #[test]
+    fn aborted_migrations_resume_exactly_once_deterministic() {
+        aborted_migrations(Schedule::Deterministic { seed: 42 });
+    }
+
+    fn aborted_migrations(schedule: Schedule) {
+        let sim = SimConfig {
+            schedule,
+            ..vmbsrv::scenario::MigrationConfig::sim_for(32)
+        };
         let mut ledger = Ledger::new();
         let mut rng = Rng::new(42);
         let mut guest = GuestModel::new(Guest::new(SCENARIO_INTERFACE_TYPE, SCENARIO_INSTANCE));
-        let kmcl_a = Kmcl::new(vmbsrv::scenario::MigrationConfig::sim_for(32));
+        let kmcl_a = Kmcl::new(sim.clone());
         let stream = {
             let interface = query_server_interface(&kmcl_a).unwrap();
             kmcl_a.attach_guest(&guest.endpoint).unwrap();
@@ -272,8 +284,10 @@ mod aborted {
                     Err(NtStatus::INVALID_DEVICE_STATE),
                     "round {round}"
                 );
+                // Resume returns once posting works: a post right after it is accepted, with no
+                // wait for the simulator in between (docs/control.md, resume).
                 channel.resume().unwrap();
-                kmcl_a.wait_idle();
+                post(&channel, &mut ledger, 2000 + round);
                 guest.acknowledge(5, Some(&mut rng));
                 kmcl_a.wait_idle();
                 drain(&channel, &mut ledger);
@@ -287,7 +301,7 @@ mod aborted {
             stream
         };
         assert_eq!(kmcl_a.finish(), Vec::new());
-        let kmcl_b = Kmcl::new(vmbsrv::scenario::MigrationConfig::sim_for(32));
+        let kmcl_b = Kmcl::new(sim);
         {
             let interface = query_server_interface(&kmcl_b).unwrap();
             let channel: VspChannel<'_, Lock> =
@@ -315,6 +329,6 @@ mod aborted {
         assert_eq!(kmcl_b.finish(), Vec::new());
         let verdict = ledger.verdict();
         assert!(verdict.is_clean(), "{verdict:?}");
-        assert_eq!(verdict.delivered, 41);
+        assert_eq!(verdict.delivered, 43);
     }
 }

@@ -30,7 +30,6 @@ use std::thread;
 use std::time::Duration;
 
 use vmbsrv::kmcl::NtStatus;
-use vmbsrv::saved::crc32c;
 use vmbsrv::scenario::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
     restore_channel, save_channel,
@@ -93,13 +92,7 @@ fn post(channel: &VspChannel<'_, Lock>, ledger: &Mutex<Ledger>, tag: u64) -> Res
         posted_at: tag,
         trace_id: None,
     })?;
-    lock(ledger).posted(
-        sequence,
-        Posted {
-            tag,
-            payload_crc: crc32c(&payload),
-        },
-    );
+    lock(ledger).posted(sequence, Posted::new(tag, &payload));
     Ok(sequence)
 }
 

@@ -52,7 +52,6 @@ use vmbsrv::kmcl::raw::{
     VMBCHANNEL, VMBPACKET, VMBPACKETCOMPLETION,
 };
 use vmbsrv::kmcl::{NtStatus, SERVER_INTERFACE_V1_SIZE, ServerInterface, VmbusHandle};
-use vmbsrv::saved::crc32c;
 use vmbsrv::scenario::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config,
 };
@@ -689,13 +688,7 @@ fn post(
         trace_id: tag.is_multiple_of(3).then_some([tag as u8; 16]),
     };
     let sequence = retry(run, Step::Post, || drv(|| channel.post(&request)))?;
-    ledger.posted(
-        sequence,
-        Posted {
-            tag,
-            payload_crc: crc32c(&payload),
-        },
-    );
+    ledger.posted(sequence, Posted::new(tag, &payload));
     Some(())
 }
 

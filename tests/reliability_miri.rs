@@ -70,13 +70,7 @@ fn miri_tiny_migration() {
                         trace_id: (tag == 1).then_some([7; 16]),
                     })
                     .unwrap();
-                ledger.posted(
-                    sequence,
-                    Posted {
-                        tag,
-                        payload_crc: crc32c(&payload),
-                    },
-                );
+                ledger.posted(sequence, Posted::new(tag, &payload));
             }
             kmcl.wait_idle();
             assert_eq!(guest.pump(&mut ledger), 3);

@@ -120,13 +120,7 @@ fn source(in_flight: u64) -> Source {
                     trace_id: (tag % 2 == 0).then_some([tag as u8; 16]),
                 })
                 .unwrap();
-            ledger.posted(
-                sequence,
-                Posted {
-                    tag,
-                    payload_crc: vmbsrv::saved::crc32c(&payload),
-                },
-            );
+            ledger.posted(sequence, Posted::new(tag, &payload));
         }
         kmcl.wait_idle();
         guest.pump(&mut ledger);
@@ -266,13 +260,7 @@ fn destination(
                                 trace_id: None,
                             })
                             .unwrap();
-                        ledger.posted(
-                            sequence,
-                            Posted {
-                                tag: 1000 + tag,
-                                payload_crc: vmbsrv::saved::crc32c(&payload),
-                            },
-                        );
+                        ledger.posted(sequence, Posted::new(1000 + tag, &payload));
                     }
                     for _ in 0..100 {
                         kmcl.wait_idle();

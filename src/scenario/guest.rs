@@ -1,7 +1,8 @@
 //! A guest that speaks the vmbsrv protocol, on top of the simulator's [`Guest`] endpoint.
 //!
-//! It negotiates, reads deliveries, checks each payload against its checksum, records what it saw
-//! in the [`Ledger`], and acknowledges in whatever order the scenario asks for. Its list of
+//! It negotiates, reads deliveries, records in the [`Ledger`] exactly what it read (sequence, tag
+//! and payload bytes, which the ledger compares with its own record of the post, never with the
+//! checksum the host wrote), and acknowledges in whatever order the scenario asks for. Its list of
 //! received-but-unacknowledged deliveries is part of the VM, so it survives a migration.
 
 use std::time::Duration;
@@ -12,7 +13,7 @@ use zerocopy::IntoBytes;
 use super::Rng;
 use super::ledger::Ledger;
 use crate::saved::crc32c;
-use crate::sim::{Guest, Kmcl, Reply};
+use crate::sim::{Guest, HostPacket, Kmcl, Reply};
 use crate::vsp::protocol::{self, Header, Kind, NegotiateReply, NegotiateRequest};
 
 /// One delivery the guest has read and not yet acknowledged.
@@ -76,26 +77,30 @@ impl GuestModel {
         Ok(reply)
     }
 
-    /// Reads every packet in the ring, verifies it, and holds it for acknowledgement.
+    /// Reads every packet in the ring, records it, and holds it for acknowledgement.
     pub fn pump(&mut self, ledger: &mut Ledger) -> usize {
         let mut count = 0;
         while let Some(packet) = self.endpoint.receive() {
             count += 1;
-            let (Some(txid), Some(delivery)) =
-                (packet.txid, protocol::parse_delivery(&packet.bytes))
-            else {
-                self.malformed += 1;
-                continue;
-            };
-            let received_crc = crc32c(delivery.payload);
-            ledger.received(delivery.sequence, received_crc == delivery.payload_crc);
-            self.held.push(Held {
-                txid,
-                sequence: delivery.sequence,
-                received_crc,
-            });
+            self.accept(&packet, ledger);
         }
         count
+    }
+
+    /// Handles one packet read from the ring (what [`GuestModel::pump`] does with each): a
+    /// delivery is recorded in the ledger as read and held for acknowledgement.
+    pub fn accept(&mut self, packet: &HostPacket, ledger: &mut Ledger) {
+        let (Some(txid), Some(delivery)) = (packet.txid, protocol::parse_delivery(&packet.bytes))
+        else {
+            self.malformed += 1;
+            return;
+        };
+        ledger.received(delivery.sequence, delivery.tag, delivery.payload);
+        self.held.push(Held {
+            txid,
+            sequence: delivery.sequence,
+            received_crc: crc32c(delivery.payload),
+        });
     }
 
     /// Deliveries read and not yet acknowledged.

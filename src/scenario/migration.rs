@@ -34,11 +34,10 @@ use super::guest::GuestModel;
 use super::ledger::{Ledger, Posted, Verdict};
 use crate::kmcl::raw::GUID;
 use crate::kmcl::{NtStatus, SERVER_INTERFACE_V1_SIZE, ServerInterface};
-use crate::saved::crc32c;
 use crate::saved::stream::{FrameKind, FrameReader, FrameWriter, frame_len};
 use crate::sim::{
-    Guest, Kmcl, SIM_KMCL_SERVER_INTERFACE_TYPE, SIM_KMCL_SERVER_INTERFACE_VERSION, SimConfig,
-    SimSpinLock, Violation,
+    Guest, Kmcl, SIM_KMCL_SERVER_INTERFACE_TYPE, SIM_KMCL_SERVER_INTERFACE_VERSION, Schedule,
+    SimConfig, SimSpinLock, Violation,
 };
 use crate::vsp::{
     ChannelConfig, DeliveryTable, Outcome, OutcomeKind, PostRequest, RestoreProgress, Statistics,
@@ -115,6 +114,19 @@ impl MigrationConfig {
             sim: Self::sim_for(max_in_flight),
             progress: None,
         }
+    }
+
+    /// The same run on deterministic simulators (docs/simulator.md, "Deterministic mode"): both
+    /// instances schedule their work from `seed`, so the run replays exactly — same figures,
+    /// same outcomes — while the default threaded simulators race as KMCL's contexts do.
+    pub fn deterministic(mut self) -> Self {
+        self.sim.schedule = Schedule::Deterministic { seed: self.seed };
+        self
+    }
+
+    /// Whether the simulators run in deterministic mode.
+    pub fn is_deterministic(&self) -> bool {
+        matches!(self.sim.schedule, Schedule::Deterministic { .. })
     }
 
     /// Simulator settings with room for `max_in_flight` packet objects.
@@ -245,6 +257,28 @@ impl Traffic<'_> {
         payload
     }
 
+    /// Lets the host settle, then the guest reads its ring. A threaded simulator's DPC keeps
+    /// refilling the ring while the guest reads, so the guest may read far more than one ring's
+    /// worth; a deterministic one does nothing unless asked, so here the guest reads, the host
+    /// runs one step (ring transfers and a callback), and so on, a number of rounds the seed
+    /// decides (up to one in-flight window's worth of rings).
+    fn read(&mut self, kmcl: &Kmcl, guest: &mut GuestModel) {
+        kmcl.wait_idle();
+        guest.pump(&mut self.ledger);
+        if self.config.is_deterministic() {
+            let ring = kmcl.config().ring_capacity.max(1) as u64;
+            let rounds = self
+                .rng
+                .below(u64::from(self.config.max_in_flight) / ring + 2);
+            for _ in 0..rounds {
+                if !kmcl.step() {
+                    break;
+                }
+                guest.pump(&mut self.ledger);
+            }
+        }
+    }
+
     fn drain(&mut self, host: &Host<'_>) {
         let mut outcomes = [Outcome {
             sequence: 0,
@@ -280,18 +314,17 @@ impl Traffic<'_> {
             let request = PostRequest {
                 tag,
                 payload: &payload,
-                posted_at: self.clock.elapsed().as_nanos() as u64 / 100,
+                // A deterministic run must not let the wall clock into the saved bytes.
+                posted_at: if self.config.is_deterministic() {
+                    self.posted
+                } else {
+                    self.clock.elapsed().as_nanos() as u64 / 100
+                },
                 trace_id: tag.is_multiple_of(3).then_some([tag as u8; 16]),
             };
             match host.channel.post(&request) {
                 Ok(sequence) => {
-                    self.ledger.posted(
-                        sequence,
-                        Posted {
-                            tag,
-                            payload_crc: crc32c(&payload),
-                        },
-                    );
+                    self.ledger.posted(sequence, Posted::new(tag, &payload));
                     self.posted += 1;
                     if let Some(progress) = self.config.progress
                         && self.posted.is_multiple_of(1000)
@@ -300,8 +333,7 @@ impl Traffic<'_> {
                     }
                 }
                 Err(NtStatus::QUOTA_EXCEEDED) => {
-                    kmcl.wait_idle();
-                    guest.pump(&mut self.ledger);
+                    self.read(kmcl, guest);
                     if hold_acks {
                         // The channel is full and the guest acknowledges nothing: cut here.
                         return Ok(());
@@ -315,8 +347,7 @@ impl Traffic<'_> {
                 Err(status) => return Err(fail("post", status)),
             }
         }
-        kmcl.wait_idle();
-        guest.pump(&mut self.ledger);
+        self.read(kmcl, guest);
         self.drain(host);
         Ok(())
     }
@@ -329,8 +360,7 @@ impl Traffic<'_> {
         guest: &mut GuestModel,
     ) -> Result<(), ScenarioError> {
         for _ in 0..100_000 {
-            kmcl.wait_idle();
-            guest.pump(&mut self.ledger);
+            self.read(kmcl, guest);
             let rng = self.config.out_of_order.then_some(&mut self.rng);
             guest.acknowledge(usize::MAX, rng);
             kmcl.wait_idle();
@@ -489,7 +519,7 @@ pub fn run_live_migration(config: &MigrationConfig) -> Result<MigrationReport, S
                 traffic.settle(&host, &kmcl_a, &mut guest)?;
             } else if matches!(config.cut, Cut::AfterPosts(_)) {
                 // The guest reads everything and holds a random part of it.
-                guest.pump(&mut traffic.ledger);
+                traffic.read(&kmcl_a, &mut guest);
                 let count = guest.held() / 2;
                 let rng = config.out_of_order.then_some(&mut traffic.rng);
                 guest.acknowledge(count, rng);

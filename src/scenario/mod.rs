@@ -3,7 +3,8 @@
 //!
 //! This is the only module that knows both the simulator and the service. The simulator stays
 //! ignorant of vmbsrv's protocol and format, so a bug in the service cannot hide behind a
-//! matching one in the simulator; the guest model here checks every payload on its own.
+//! matching one in the simulator; the ledger checks every payload and tag the guest read against
+//! its own record of the post, never against anything the service wrote.
 //! The end-to-end tests, the `live_migration` example (the main job) and the benches use it.
 #![forbid(unsafe_code)]
 
@@ -12,7 +13,7 @@ pub mod ledger;
 pub mod migration;
 
 pub use guest::GuestModel;
-pub use ledger::{Ledger, Posted, Verdict};
+pub use ledger::{Digest, Ledger, Posted, Verdict};
 pub use migration::{Cut, MigrationConfig, MigrationReport, run_live_migration};
 
 /// A small deterministic generator (SplitMix64): scenarios must replay exactly from a seed.

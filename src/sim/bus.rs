@@ -13,8 +13,8 @@ use super::guest::{Guest, GuestError, GuestShared};
 use super::handle::{self, Kind};
 use super::state::{Lifecycle, Link, Shared};
 use super::verifier::{self, Violation};
-use super::workers;
 use super::{SIM_KMCL_SERVER_INTERFACE_TYPE, SIM_KMCL_SERVER_INTERFACE_VERSION, table};
+use super::{schedule, workers};
 use crate::kmcl::NtStatus;
 use crate::kmcl::raw::{GUID, KMCL_SERVER_INTERFACE_V1, PDEVICE_OBJECT, VMBCHANNEL};
 
@@ -86,7 +86,8 @@ impl Default for Kmcl {
 }
 
 impl Kmcl {
-    /// A new simulator instance with its two worker threads.
+    /// A new simulator instance with its two worker threads (none in deterministic mode: see
+    /// [`SimConfig::schedule`]).
     ///
     /// # Panics
     ///
@@ -102,10 +103,16 @@ impl Kmcl {
                 .spawn(move || body(shared))
                 .expect("failed to start a simulator thread")
         };
-        let workers = std::vec![
-            spawn("passive", workers::passive_loop),
-            spawn("dpc", workers::dpc_loop)
-        ];
+        let workers = if shared.schedule.is_deterministic() {
+            // No threads: waiting threads run the work (docs/simulator.md, deterministic mode).
+            schedule::adopt(&shared);
+            Vec::new()
+        } else {
+            std::vec![
+                spawn("passive", workers::passive_loop),
+                spawn("dpc", workers::dpc_loop)
+            ]
+        };
         Kmcl {
             shared,
             workers,
@@ -209,6 +216,17 @@ impl Kmcl {
                 return workers::is_idle(&st, &self.shared.config);
             }
         }
+    }
+
+    /// Deterministic mode ([`Schedule::Deterministic`](super::Schedule::Deterministic)): runs one
+    /// step of pending KMCL work on the calling thread (one state transition, or ring transfers
+    /// and one DPC callback; the seed picks which when both are pending) and returns whether
+    /// anything ran. Threaded mode: does nothing and returns `false` (the workers run the work).
+    ///
+    /// Waiting calls ([`Kmcl::wait_idle`], blocking KMCL calls) step on their own; this is for a
+    /// test that interleaves guest actions with single steps.
+    pub fn step(&self) -> bool {
+        self.shared.step()
     }
 
     /// Calls of `call` that named a valid object so far (plan fault sweeps with it).

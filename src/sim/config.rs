@@ -436,6 +436,10 @@ pub struct SimConfig {
     pub completions_while_paused: CompletionsWhilePaused,
     /// §0.1 — `VmbChannelPacketFail`.
     pub packet_fail: PacketFailReading,
+    /// Who runs the simulated KMCL work: worker threads (default) or, in deterministic mode, the
+    /// thread that waits for it, in an order drawn from a seed (docs/simulator.md,
+    /// "Deterministic mode").
+    pub schedule: Schedule,
 }
 
 impl Default for SimConfig {
@@ -463,6 +467,7 @@ impl Default for SimConfig {
             send_vs_suspend: SendVsSuspend::default(),
             completions_while_paused: CompletionsWhilePaused::default(),
             packet_fail: PacketFailReading::default(),
+            schedule: Schedule::default(),
         };
         if let Ok(spec) = std::env::var(READINGS_ENV) {
             // A malformed setting must not silently test the defaults: fail loudly.
@@ -472,6 +477,26 @@ impl Default for SimConfig {
         }
         config
     }
+}
+
+/// How a simulator instance schedules KMCL's own work: state transitions and their callbacks
+/// (the passive context), process-packet callbacks, completion routines and host → guest ring
+/// transfers (the DPC context). See docs/simulator.md, "Deterministic mode".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Schedule {
+    /// Default: two worker threads, one per context, racing the driver's threads as KMCL's
+    /// contexts do on Windows. Runs differ from one another; this is what finds races.
+    #[default]
+    Threaded,
+    /// No worker threads. A thread that waits for KMCL (a blocking call such as
+    /// `VmbChannelPause`, [`Kmcl::wait_idle`](super::Kmcl::wait_idle), the guest's polling
+    /// waits, the VSP's bounded waits) runs the pending work itself, one step at a time. `seed`
+    /// decides which context goes first when both have work, and how far each DPC step fills
+    /// the guest's ring. The same driver calls with the same seed replay exactly.
+    Deterministic {
+        /// Seed of the scheduling choices.
+        seed: u64,
+    },
 }
 
 /// Environment variable read by [`SimConfig::default`]: a reading specification such as

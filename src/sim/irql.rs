@@ -161,6 +161,21 @@ pub(crate) fn mark_worker(instance: u32) {
     WORKER.with(|w| w.set(Some(instance)));
 }
 
+/// Marks this thread as a worker of `instance` until the guard drops: a waiting thread running a
+/// step of deterministic mode (`schedule.rs`) is, for that step, the simulator's worker.
+pub(crate) fn enter_worker(instance: u32) -> WorkerGuard {
+    WorkerGuard(WORKER.with(|w| w.replace(Some(instance))))
+}
+
+/// Restores the thread's previous worker marking on drop.
+pub(crate) struct WorkerGuard(Option<u32>);
+
+impl Drop for WorkerGuard {
+    fn drop(&mut self) {
+        WORKER.with(|w| w.set(self.0));
+    }
+}
+
 /// Whether this thread is one of the simulator's own worker threads (a blocking call made here
 /// would wait for itself).
 pub(crate) fn on_worker_thread() -> bool {

@@ -27,6 +27,11 @@ impl<T: Send> DispatchLock<T> for SimSpinLock<T> {
     }
 
     fn relax() {
+        // In deterministic mode there is no worker to give the processor to: the waiting thread
+        // runs a step of the work itself (docs/simulator.md, deterministic mode).
+        if super::schedule::drive_this_thread() {
+            return;
+        }
         // A PASSIVE-level wait in the driver gives the processor away (KeDelayExecutionThread);
         // a short sleep does that here, so the waited-for worker thread runs even on one core,
         // and the VSP's bounded wait rounds stand for real time.

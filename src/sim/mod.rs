@@ -24,6 +24,7 @@ mod handle;
 mod invoke;
 mod irql;
 mod lock;
+mod schedule;
 mod state;
 mod table;
 mod verifier;
@@ -33,7 +34,7 @@ pub use bus::{ChannelInfo, Kmcl};
 pub use config::{
     CompletionsWhilePaused, DisableRestored, Fault, FaultPlan, IncomingAtSave, KmclCall,
     PacketFailReading, PauseWaits, READINGS, READINGS_ENV, ReadingsError, RestoreSaveBufSize,
-    RestoreTiming, RestoredPacketContext, SaveRequires, SendVsSuspend, SimConfig,
+    RestoreTiming, RestoredPacketContext, SaveRequires, Schedule, SendVsSuspend, SimConfig,
 };
 pub use guest::{Guest, GuestChannelState, GuestError, HostPacket, Reply};
 pub use irql::{Irql, IrqlGuard, current_irql, raise_irql};

@@ -224,6 +224,8 @@ pub(crate) struct Shared {
     pub(crate) config: SimConfig,
     state: Mutex<State>,
     cond: Condvar,
+    /// Who runs the work: worker threads, or waiting threads (deterministic mode).
+    pub(crate) schedule: super::schedule::Scheduler,
 }
 
 /// Result of a save-continue step, copied into the driver's buffer by the FFI layer.
@@ -551,6 +553,7 @@ impl Shared {
     /// A new instance with `config` (not yet registered, no threads).
     pub(crate) fn new(id: u32, config: SimConfig) -> Shared {
         let faults = config.faults.clone();
+        let schedule = super::schedule::Scheduler::new(config.schedule);
         Shared {
             id,
             config,
@@ -571,6 +574,7 @@ impl Shared {
                 dpc_busy: None,
             }),
             cond: Condvar::new(),
+            schedule,
         }
     }
 
@@ -586,13 +590,18 @@ impl Shared {
 
     /// Waits on the state condition variable until `deadline`.
     pub(crate) fn wait_deadline<'a>(
-        &self,
+        &'a self,
         guard: MutexGuard<'a, State>,
         deadline: Instant,
     ) -> (MutexGuard<'a, State>, bool) {
         let now = Instant::now();
         if now >= deadline {
             return (guard, true);
+        }
+        // Deterministic mode: the waiting thread runs the work it waits for (schedule.rs).
+        let (guard, ran) = self.run_one(guard);
+        if ran {
+            return (guard, false);
         }
         let (guard, result) = self
             .cond
@@ -611,7 +620,7 @@ impl Shared {
     /// Waits until `done` holds or the hang timeout expires (then records a [`ViolationKind::Hang`]
     /// naming `what`).
     pub(crate) fn wait_until<'a>(
-        &self,
+        &'a self,
         mut guard: MutexGuard<'a, State>,
         call: Option<KmclCall>,
         what: &str,

@@ -64,21 +64,40 @@ pub(crate) fn passive_loop(shared: Arc<Shared>) {
         if st.shutdown {
             return;
         }
-        let Some((seq, job)) = next_passive_job(&st) else {
+        let (guard, ran) = passive_once(&shared, st);
+        st = guard;
+        if !ran {
             st = shared.wait(st);
-            continue;
-        };
-        st.passive_busy = true;
-        if let Some(c) = st.channels.get_mut(&seq) {
-            c.passive_busy = true;
         }
-        st = run_passive(&shared, st, seq, job);
-        st.passive_busy = false;
-        if let Some(c) = st.channels.get_mut(&seq) {
-            c.passive_busy = false;
-        }
-        shared.notify();
     }
+}
+
+/// Whether the passive context has a transition to run and is free to run it (in deterministic
+/// mode a transition may be waiting inside another one on the same thread).
+pub(crate) fn passive_runnable(st: &State) -> bool {
+    !st.passive_busy && next_passive_job(st).is_some()
+}
+
+/// Runs the next transition, if any; returns whether one ran. One turn of the passive worker's
+/// loop, or (deterministic mode, `schedule.rs`) one step run by a waiting thread.
+pub(crate) fn passive_once<'a>(
+    shared: &'a Shared,
+    mut st: MutexGuard<'a, State>,
+) -> (MutexGuard<'a, State>, bool) {
+    let Some((seq, job)) = next_passive_job(&st) else {
+        return (st, false);
+    };
+    st.passive_busy = true;
+    if let Some(c) = st.channels.get_mut(&seq) {
+        c.passive_busy = true;
+    }
+    st = run_passive(shared, st, seq, job);
+    st.passive_busy = false;
+    if let Some(c) = st.channels.get_mut(&seq) {
+        c.passive_busy = false;
+    }
+    shared.notify();
+    (st, true)
 }
 
 fn run_passive<'a>(
@@ -295,8 +314,8 @@ fn level(incoming_at_passive: bool) -> Irql {
 }
 
 /// Takes the next DPC job (doing any pure bookkeeping on the way).
-fn take_dpc_job(st: &mut State, config: &SimConfig) -> Option<DpcJob> {
-    let ring_capacity = config.ring_capacity;
+fn take_dpc_job(st: &mut State, config: &SimConfig, ring_limit: usize) -> Option<DpcJob> {
+    let ring_capacity = ring_limit;
     let seqs: Vec<u32> = st.channels.keys().copied().collect();
     for &seq in &seqs {
         st.flush(seq, ring_capacity);
@@ -468,73 +487,94 @@ pub(crate) fn is_idle(st: &State, config: &SimConfig) -> bool {
 /// The DPC worker's loop.
 pub(crate) fn dpc_loop(shared: Arc<Shared>) {
     irql::mark_worker(shared.id);
-    let id = shared.id;
     let mut st = shared.lock();
     loop {
         if st.shutdown {
             return;
         }
-        let Some(job) = take_dpc_job(&mut st, &shared.config) else {
-            // Bookkeeping may have changed what waiters see.
-            shared.notify();
+        let (guard, ran) = dpc_once(&shared, st, shared.config.ring_capacity);
+        st = guard;
+        if !ran {
             st = shared.wait(st);
-            continue;
-        };
-        let channel = job.channel();
-        st.dpc_busy = Some(channel);
-        let ch_handle = shared.handle(channel, Kind::Channel);
-        match job {
-            DpcJob::Complete {
-                packet,
-                routine,
-                status,
-                payload,
-                ..
-            } => {
-                drop(st);
-                let handle = shared.handle(packet, Kind::Packet);
-                invoke::completion(id, routine, handle, status, &payload);
-                st = shared.lock();
-            }
-            DpcJob::Process { pc, level, .. } => {
-                let Some(inc) = st.incoming.get(&pc) else {
-                    st.dpc_busy = None;
-                    continue;
-                };
-                let buffer = inc.buffer.as_ptr();
-                let length = u32::try_from(inc.buffer.len()).unwrap_or(u32::MAX);
-                let cb = st.channels.get(&channel).and_then(|c| c.process_packet);
-                let pc_handle = shared.handle(pc, Kind::Completion);
-                drop(st);
-                let deferred = invoke::process_packet(
-                    id,
-                    cb,
-                    &invoke::Delivery {
-                        channel: ch_handle,
-                        pc_seq: pc,
-                        pc: pc_handle,
-                        buffer,
-                        length,
-                        level,
-                    },
-                );
-                st = shared.lock();
-                if deferred
-                    && st.incoming.contains_key(&pc)
-                    && let Some(c) = st.channels.get_mut(&channel)
-                {
-                    c.deferred.push_back(pc);
-                }
-            }
-            DpcJob::BatchDone {
-                count, level, cb, ..
-            } => {
-                drop(st);
-                invoke::processing_complete(id, cb, ch_handle, count, level);
-                st = shared.lock();
+        }
+    }
+}
+
+/// Whether the DPC context has work and is free to do it (see [`passive_runnable`]).
+pub(crate) fn dpc_ready(st: &State, config: &SimConfig) -> bool {
+    st.dpc_busy.is_none() && dpc_runnable(st, config)
+}
+
+/// Runs the next DPC job, if any (after the bookkeeping that comes first: ring transfers, which
+/// fill each ring up to `ring_limit` packets); returns whether a job ran. One turn of the DPC
+/// worker's loop (`ring_limit` is the ring capacity), or one deterministic step (a seeded limit
+/// up to it: the DPC got that far before the guest looked).
+pub(crate) fn dpc_once<'a>(
+    shared: &'a Shared,
+    mut st: MutexGuard<'a, State>,
+    ring_limit: usize,
+) -> (MutexGuard<'a, State>, bool) {
+    let id = shared.id;
+    let Some(job) = take_dpc_job(&mut st, &shared.config, ring_limit) else {
+        // Bookkeeping may have changed what waiters see.
+        shared.notify();
+        return (st, false);
+    };
+    let channel = job.channel();
+    st.dpc_busy = Some(channel);
+    let ch_handle = shared.handle(channel, Kind::Channel);
+    match job {
+        DpcJob::Complete {
+            packet,
+            routine,
+            status,
+            payload,
+            ..
+        } => {
+            drop(st);
+            let handle = shared.handle(packet, Kind::Packet);
+            invoke::completion(id, routine, handle, status, &payload);
+            st = shared.lock();
+        }
+        DpcJob::Process { pc, level, .. } => {
+            let Some(inc) = st.incoming.get(&pc) else {
+                st.dpc_busy = None;
+                return (st, true);
+            };
+            let buffer = inc.buffer.as_ptr();
+            let length = u32::try_from(inc.buffer.len()).unwrap_or(u32::MAX);
+            let cb = st.channels.get(&channel).and_then(|c| c.process_packet);
+            let pc_handle = shared.handle(pc, Kind::Completion);
+            drop(st);
+            let deferred = invoke::process_packet(
+                id,
+                cb,
+                &invoke::Delivery {
+                    channel: ch_handle,
+                    pc_seq: pc,
+                    pc: pc_handle,
+                    buffer,
+                    length,
+                    level,
+                },
+            );
+            st = shared.lock();
+            if deferred
+                && st.incoming.contains_key(&pc)
+                && let Some(c) = st.channels.get_mut(&channel)
+            {
+                c.deferred.push_back(pc);
             }
         }
-        st.dpc_busy = None;
-        shared.notify();
+        DpcJob::BatchDone {
+            count, level, cb, ..
+        } => {
+            drop(st);
+            invoke::processing_complete(id, cb, ch_handle, count, level);
+            st = shared.lock();
+        }
     }
+    st.dpc_busy = None;
+    shared.notify();
+    (st, true)
 }
