@@ -194,11 +194,29 @@ for target in "${targets[@]}"; do
   case $result in FAILED*) first_errors "$log"; status=1 ;; esac
 done
 
+# The public KMCL constants against the tree's header (tests/kmcl_header_crosscheck.rs), on the host.
+header=$root/Include/$sdk/km/vmbuskernelmodeclientlibapi.h
+if [ -f "$header" ]; then
+  log=$work/kmcl-header.log
+  if env -u VMBSRV_WINDOWS_CHECK VMBSRV_KMCL_HEADER="$header" \
+      cargo test --all-features --test kmcl_header_crosscheck -- --nocapture >"$log" 2>&1; then
+    echo "KMCL header cross-check: ok ($(grep -m1 -o '[0-9]* GUIDs and [0-9]* macros' "$log" || echo 'see log') match src/kmcl/raw.rs)"
+  else
+    echo "KMCL header cross-check: FAILED; log $log"
+    first_errors "$log"
+    grep -m3 -E 'panicked|assertion' "$log" | sed 's/^/    /' || true
+    status=1
+  fi
+else
+  echo "KMCL header cross-check: skipped (no km/vmbuskernelmodeclientlibapi.h in $root)"
+fi
+
 if $imports && [ $status -eq 0 ]; then
   # The driver image's imports without linking (the import libraries are not public): a staticlib
-  # of the release profile (LTO, so only code reachable from the driver's entry points remains),
-  # whose undefined symbols that no member defines are what the linker would take from ntoskrnl,
-  # the other kernel modules and the WDK stub libraries.
+  # of the release profile (LTO: the crate and its Rust dependencies become one object, holding
+  # only what the driver's entry points reach). scripts/check-imports.py follows the members a
+  # linker would pull in from that object and checks what stays undefined -- the routines the
+  # image imports from the kernel and the KMDF stub library -- against docs/windows-imports.md.
   for target in "${targets[@]}"; do
     log=$work/$target.imports.log
     if ! cargo rustc --config "$patch_config" --target "$target" --release --lib \
@@ -209,11 +227,8 @@ if $imports && [ $status -eq 0 ]; then
       continue
     fi
     lib=target/$target/release/vmbsrv.lib
-    "$llvm_nm" --undefined-only --format=just-symbols "$lib" 2>/dev/null | sort -u >"$work/$target.undefined"
-    "$llvm_nm" --defined-only --format=just-symbols "$lib" 2>/dev/null | sort -u >"$work/$target.defined"
-    comm -23 "$work/$target.undefined" "$work/$target.defined" | sed 's/^__imp_//' | sort -u \
-      >"$work/$target.imports"
-    if ! python3 scripts/check-imports.py "$target" "$work/$target.imports"; then
+    "$llvm_nm" -A "$lib" >"$work/$target.nm" 2>/dev/null || true
+    if ! python3 scripts/check-imports.py "$target" "$work/$target.nm"; then
       status=1
     fi
   done

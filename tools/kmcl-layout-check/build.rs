@@ -1,7 +1,7 @@
 //! Generates clang's view of the KMCL layout from the installed WDK (Windows hosts only).
 //!
 //! A bindgen run through wdk-build's `BuilderExt::wdk_default` (the WDK include paths, defines
-//! and MS-compatibility flags wdk-sys uses, for the KMDF 1.27 configuration that
+//! and MS-compatibility flags wdk-sys uses, for the KMDF configuration that
 //! `Config::from_env_auto` finds in vmbsrv's `[package.metadata.wdk.driver-model]`) parses a probe
 //! header that includes `vmbuskernelmodeclientlibapi.h` and defines one enum whose constants clang
 //! evaluates: `sizeof`, `_Alignof` and `__builtin_offsetof` of every member vmbsrv declares by
