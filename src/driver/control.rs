@@ -14,6 +14,10 @@
 //!   channel and answers `STATUS_DEVICE_BUSY` instead of blocking, docs/control.md §8), with
 //!   `ExecutionLevel = WdfExecutionLevelPassive` (queues support it from KMDF 1.9,
 //!   WDF_EXECUTION_LEVEL Remarks) because the registry runs at PASSIVE_LEVEL.
+//! * **Access** (docs/control.md §10): `EvtDeviceFileCreate` classifies the opener once
+//!   ([`super::caller::class_of_create`]) and refuses anyone outside the model with
+//!   `STATUS_ACCESS_DENIED`; every request is then checked with
+//!   [`authorize`](crate::vsp::control::authorize) against that class before it is dispatched.
 //! * **Owners** are framework file objects: `OwnerId` is the `WDFFILEOBJECT` handle value.
 //!   `EvtFileCleanup` (last handle closed, including process exit) destroys the owner's channels.
 //!   A per-file guard ([`FileGuard`]) closes the race between that cleanup and a request of the
@@ -26,7 +30,7 @@
 
 use core::ffi::c_void;
 use core::ptr;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use wdk_sys::ntddk::{KeGetCurrentIrql, KeQuerySystemTimePrecise};
 use wdk_sys::{
@@ -37,6 +41,8 @@ use wdk_sys::{
     WDFOBJECT, WDFQUEUE, WDFREQUEST, call_unsafe_wdf_function_binding,
 };
 
+use super::caller::class_of_create;
+
 use super::context::context_type;
 use super::device::{DeviceState, RundownGuard, device_state};
 use super::wdf_size;
@@ -44,17 +50,39 @@ use crate::kmcl::raw::{HANDLE, PFN_VMB_CONVERT_VMBUS_HANDLE_TO_KERNEL_HANDLE};
 use crate::kmcl::{NtStatus, ParentDevice, ServerInterface, VmbusHandle};
 use crate::vsp::control::parse;
 use crate::vsp::control::{
-    ControlEnvironment, DispatchResult, IOCTL_VMBSRV_CREATE_CHANNEL, METHOD_BUFFERED, OwnerId,
-    caller_context_vmbus_handle,
+    CallerClass, ControlEnvironment, DispatchResult, IOCTL_VMBSRV_CREATE_CHANNEL, METHOD_BUFFERED,
+    OwnerId, authorize, caller_context_vmbus_handle,
 };
 
 /// `UserMode` of `KPROCESSOR_MODE` (wdm.h `MODE`: KernelMode = 0, UserMode = 1).
 const USER_MODE: KPROCESSOR_MODE = 1;
 
-/// The context of every framework file object (one per open handle): the owner's [`FileGuard`].
-/// All-zero (as WDF allocates it) is "open, no request in progress"; nothing to drop.
+/// The context of every framework file object (one per open handle): the owner's [`FileGuard`]
+/// and its caller class. All-zero (as WDF allocates it) is "open, no request in progress, no
+/// class": a handle whose class was never set can do nothing. Nothing to drop.
 pub(super) struct FileContext {
     guard: FileGuard,
+    /// [`class_code`] of the opener's [`CallerClass`]; 0 = none (every request refused).
+    class: AtomicU8,
+}
+
+/// The stored form of a caller class (0 is reserved for "none").
+const fn class_code(class: CallerClass) -> u8 {
+    match class {
+        CallerClass::System => 1,
+        CallerClass::VmWorker => 2,
+        CallerClass::Administrator => 3,
+    }
+}
+
+/// The caller class stored by [`class_code`]; `None` for 0 or an unknown value.
+const fn class_from_code(code: u8) -> Option<CallerClass> {
+    match code {
+        1 => Some(CallerClass::System),
+        2 => Some(CallerClass::VmWorker),
+        3 => Some(CallerClass::Administrator),
+        _ => None,
+    }
 }
 
 context_type! {
@@ -176,12 +204,13 @@ impl ControlEnvironment<'static> for Environment {
 /// `device_init` must be the framework's `WDFDEVICE_INIT` of the running `EvtDriverDeviceAdd`,
 /// before `WdfDeviceCreate`.
 pub(super) unsafe fn configure_device_init(device_init: PWDFDEVICE_INIT) {
-    // WDF_FILEOBJECT_CONFIG_INIT(&config, NULL, NULL, EvtFileCleanup): AutoForwardCleanupClose =
-    // WdfUseDefault, FileObjectClass = WdfFileObjectWdfCannotUseFsContexts. Without
-    // EvtDeviceFileCreate the framework opens every create itself.
+    // WDF_FILEOBJECT_CONFIG_INIT(&config, EvtDeviceFileCreate, NULL, EvtFileCleanup):
+    // AutoForwardCleanupClose = WdfUseDefault, FileObjectClass =
+    // WdfFileObjectWdfCannotUseFsContexts. EvtDeviceFileCreate classifies the opener and
+    // completes every create itself.
     let mut file_config = WDF_FILEOBJECT_CONFIG {
         Size: wdf_size::<WDF_FILEOBJECT_CONFIG>(),
-        EvtDeviceFileCreate: None,
+        EvtDeviceFileCreate: Some(evt_device_file_create),
         EvtFileClose: None,
         EvtFileCleanup: Some(evt_file_cleanup),
         AutoForwardCleanupClose: _WDF_TRI_STATE::WdfUseDefault,
@@ -308,12 +337,16 @@ fn create_channel_in_caller_context(
     let Some(state) = device_state(device) else {
         return refused(NtStatus::INVALID_DEVICE_STATE);
     };
-    with_owner(state, request, |owner, rundown| {
+    with_owner(state, request, |owner, class, rundown| {
         with_system_buffer(request, code, input_len, output_len, |buffer| {
             let input = buffer.get(..input_len).unwrap_or(&[]);
             // Malformed requests are refused exactly as dispatch would refuse them, before any
             // driver state (the KMCL interface) is involved.
             if let Err(status) = parse::prepare(code, input, output_len) {
+                return refused(status);
+            }
+            // The access model, before the handle is looked at or converted.
+            if let Err(status) = authorize(class, code, input) {
                 return refused(status);
             }
             match caller_context_vmbus_handle(code, input) {
@@ -370,8 +403,12 @@ extern "C" fn evt_io_device_control(
     } else {
         match device_state(device) {
             None => refused(NtStatus::INVALID_DEVICE_STATE),
-            Some(state) => with_owner(state, request, |owner, rundown| {
+            Some(state) => with_owner(state, request, |owner, class, rundown| {
                 with_system_buffer(request, code, input_len, output_len, |buffer| {
+                    let input = buffer.get(..input_len).unwrap_or(&[]);
+                    if let Err(status) = authorize(class, code, input) {
+                        return refused(status);
+                    }
                     let environment = Environment {
                         interface: state.kmcl_bound(rundown).map(|binding| &binding.interface),
                         convert: None,
@@ -390,6 +427,28 @@ extern "C" fn evt_io_device_control(
         }
     };
     complete(request, result);
+}
+
+/// `EvtDeviceFileCreate`: classifies the opener (docs/control.md §10) and stores the class in the
+/// file object's context; an opener outside the access model is refused with
+/// `STATUS_ACCESS_DENIED`. The INF's security descriptor already keeps everyone else out; this is
+/// the second, per-operation layer.
+extern "C" fn evt_device_file_create(
+    _device: WDFDEVICE,
+    request: WDFREQUEST,
+    file_object: WDFFILEOBJECT,
+) {
+    let status = match (class_of_create(request), file_context(file_object)) {
+        (Some(class), Some(context)) => {
+            context.class.store(class_code(class), Ordering::Release);
+            NtStatus::SUCCESS
+        }
+        (None, _) => NtStatus::ACCESS_DENIED,
+        (Some(_), None) => NtStatus::INVALID_DEVICE_STATE,
+    };
+    // SAFETY: the create request this callback was given, completed exactly once, here
+    // (EVT_WDF_DEVICE_FILE_CREATE: the driver must complete it).
+    unsafe { call_unsafe_wdf_function_binding!(WdfRequestComplete, request, status.0) };
 }
 
 /// `EvtFileCleanup`: the last handle of a file object was closed (also on process exit).
@@ -418,7 +477,7 @@ extern "C" fn evt_file_cleanup(file_object: WDFFILEOBJECT) {
 fn with_owner(
     state: &DeviceState,
     request: WDFREQUEST,
-    f: impl FnOnce(OwnerId, &RundownGuard<'_>) -> DispatchResult,
+    f: impl FnOnce(OwnerId, CallerClass, &RundownGuard<'_>) -> DispatchResult,
 ) -> DispatchResult {
     // SAFETY: this callback's request.
     let file_object =
@@ -427,9 +486,15 @@ fn with_owner(
         // A request without a file object has no owner to tie channels to.
         return refused(NtStatus::INVALID_DEVICE_REQUEST);
     }
-    let Some(guard) = file_guard(file_object) else {
+    let Some(context) = file_context(file_object) else {
         return refused(NtStatus::INVALID_DEVICE_STATE);
     };
+    // A handle that was never classified (EvtDeviceFileCreate refused or did not run) gets
+    // nothing.
+    let Some(class) = class_from_code(context.class.load(Ordering::Acquire)) else {
+        return refused(NtStatus::ACCESS_DENIED);
+    };
+    let guard = &context.guard;
     let Some(rundown) = state.enter() else {
         return refused(NtStatus::DEVICE_REMOVED);
     };
@@ -437,7 +502,7 @@ fn with_owner(
         return refused(NtStatus(wdk_sys::STATUS_FILE_CLOSED));
     }
     let owner = owner_of(file_object);
-    let result = f(owner, &rundown);
+    let result = f(owner, class, &rundown);
     if guard.leave() {
         state.registry.destroy_owned_by(owner);
     }
@@ -453,6 +518,11 @@ fn owner_of(file_object: WDFFILEOBJECT) -> OwnerId {
 
 /// The [`FileGuard`] in a file object's context.
 fn file_guard<'f>(file_object: WDFFILEOBJECT) -> Option<&'f FileGuard> {
+    file_context(file_object).map(|context| &context.guard)
+}
+
+/// A file object's [`FileContext`].
+fn file_context<'f>(file_object: WDFFILEOBJECT) -> Option<&'f FileContext> {
     // SAFETY: `file_object` is a live file object handle (from a callback or a live request).
     let context =
         unsafe { FILE_CONTEXT.raw_context(file_object as WDFOBJECT) }.cast::<FileContext>();
@@ -460,8 +530,9 @@ fn file_guard<'f>(file_object: WDFFILEOBJECT) -> Option<&'f FileGuard> {
         return None;
     }
     // SAFETY: the file object's FileContext, WDF memory zero-filled at creation (a valid
-    // FileContext) that lives as long as the file object; only accessed through atomics.
-    Some(unsafe { &(*context).guard })
+    // FileContext: zero atomics) that lives as long as the file object; only accessed through
+    // atomics.
+    Some(unsafe { &*context })
 }
 
 /// Runs `f` on the request's METHOD_BUFFERED system buffer, `max(input_len, output_len)` bytes.

@@ -5,11 +5,12 @@
 //! target and sends `IRP_MN_QUERY_INTERFACE` there with `WdfIoTargetQueryForInterface`, which the
 //! KMCL documentation names as the alternative (kmcl-reference §1.1).
 //!
-//! **Unverified (kmcl-reference §1.7, §7.2):** `\Device\RootVMBus\kmcl_interface` is the device
-//! dxgkrnl's *host* path opens (observed in public decompilations of dxgkrnl.sys), but dxgkrnl
-//! queries it with a *private* GUID. That the same device answers the public
-//! `KMCL_SERVER_INTERFACE_TYPE` is plausible and not confirmed by any public source. A failure is
-//! reported with a status and a DbgPrint line naming the device, the GUID, size and version.
+//! The interface type is the header's public `KMCL_SERVER_INTERFACE_TYPE` with
+//! `KMCL_SERVER_INTERFACE_VERSION_V1` ([`raw::KMCL_SERVER_INTERFACE_TYPE`], docs/kmcl-bindings.md
+//! "Public identifiers"). **Unverified (docs/windows.md, experiment 1):** that
+//! `\Device\RootVMBus\kmcl_interface`, the device dxgkrnl's *host* path opens (observed in public
+//! decompilations of dxgkrnl.sys), answers that GUID. A failure is reported with a status and a
+//! DbgPrint line naming the device, the GUID, size and version.
 //!
 //! All of this runs at PASSIVE_LEVEL (`WdfIoTargetOpen` and `WdfIoTargetQueryForInterface` are
 //! PASSIVE-only), once per device, on the first CreateChannel request (see `device.rs`).
@@ -25,9 +26,9 @@ use wdk_sys::{
 };
 
 use crate::driver::wdf_size;
-use crate::kmcl::interface_id::{KMCL_SERVER_INTERFACE_TYPE, KMCL_SERVER_INTERFACE_VERSION_V1};
 use crate::kmcl::raw::{
-    self, KMCL_SERVER_INTERFACE_V1, PFN_VMB_CONVERT_VMBUS_HANDLE_TO_KERNEL_HANDLE,
+    self, KMCL_SERVER_INTERFACE_TYPE, KMCL_SERVER_INTERFACE_V1, KMCL_SERVER_INTERFACE_VERSION_V1,
+    PFN_VMB_CONVERT_VMBUS_HANDLE_TO_KERNEL_HANDLE,
 };
 use crate::kmcl::{NtStatus, SERVER_INTERFACE_V1_SIZE, ServerInterface};
 
@@ -208,8 +209,8 @@ fn report(step: &str, status: NtStatus) {
     wdk::println!(
         "vmbsrv: {step} failed with {status}: device {KMCL_DEVICE_NAME}, interface \
          KMCL_SERVER_INTERFACE_TYPE {}, size {SERVER_INTERFACE_V1_SIZE}, version \
-         {KMCL_SERVER_INTERFACE_VERSION_V1}. That this device answers the public server \
-         interface GUID is unverified (docs/windows.md).",
+         {KMCL_SERVER_INTERFACE_VERSION_V1}. Whether this device answers the public server \
+         interface GUID is experiment 1 of docs/windows.md.",
         GuidText(&KMCL_SERVER_INTERFACE_TYPE)
     );
 }

@@ -43,6 +43,7 @@
 //! EvtCleanupCallback(device) ─ same teardown if it has not run ─ drop the context
 //! ```
 
+mod caller;
 mod context;
 mod control;
 mod device;

@@ -8,7 +8,6 @@ pub(crate) mod abi;
 mod callbacks;
 mod channel;
 mod interface;
-pub mod interface_id;
 pub mod raw;
 mod status;
 

@@ -5,8 +5,11 @@
 //! that the Windows CI's bindgen cross-check can compare member by member. Every size and offset is
 //! asserted in `tests` below; a wrong member shifts a later offset and fails the build's tests.
 //!
-//! The interface GUIDs (`KMCL_SERVER_INTERFACE_TYPE`, `KMCL_CLIENT_INTERFACE_TYPE`) are not public
-//! and are deliberately **not** here: see [`super::interface_id`].
+//! The interface identifiers (`KMCL_SERVER_INTERFACE_TYPE`, `KMCL_CLIENT_INTERFACE_TYPE` and the V1
+//! versions) are public values of that header, identical in every SDK from 10.0.17134 on, and are
+//! constants here ([`KMCL_SERVER_INTERFACE_TYPE`]); `docs/kmcl-bindings.md` ("Public identifiers")
+//! lists them with their sources. A build needs no header; `tools/kmcl-layout-check` compares
+//! these constants with a header when one is available.
 #![allow(non_camel_case_types, non_snake_case, missing_docs)]
 
 use core::ffi::c_void;
@@ -415,7 +418,14 @@ pub struct KMCL_SERVER_INTERFACE_V1 {
 pub const VMBUS_CHANNEL_FORMAT_FLAG_WAIT_FOR_COMPLETION: u32 = 0x1;
 pub const VMBUS_CHANNEL_FORMAT_FLAG_FORCE_MDL_LENGTH: u32 = 0x2;
 pub const VMBUS_CHANNEL_FORMAT_FLAG_PAGED_BUFFER: u32 = 0x4;
-pub const VMBUS_CHANNEL_FORMAT_FLAGS: u32 = 0x7;
+/// `VMBUS_CHANNEL_FORMAT_FLAG_DATA_IN_ONLY`, in the header from SDK 10.0.18362 on
+/// (`docs/kmcl-bindings.md`, "Format flags").
+pub const VMBUS_CHANNEL_FORMAT_FLAG_DATA_IN_ONLY: u32 = 0x8;
+/// `VMBUS_CHANNEL_FORMAT_FLAG_DATA_OUT_ONLY`, in the header from SDK 10.0.18362 on.
+pub const VMBUS_CHANNEL_FORMAT_FLAG_DATA_OUT_ONLY: u32 = 0x10;
+/// `VMBUS_CHANNEL_FORMAT_FLAGS`, the mask of every format flag: 0x1F from SDK 10.0.18362 on (0x7 in
+/// the 17134 and 17763 headers, before the two data-direction flags).
+pub const VMBUS_CHANNEL_FORMAT_FLAGS: u32 = 0x1F;
 pub const VMBUS_CHANNEL_GPADL_FLAG_READ_ONLY: u32 = 0x1;
 pub const VMBUS_CHANNEL_GPADL_FLAGS: u32 = 0x1;
 pub const VMBUS_CHANNEL_INIT_FLAG_IS_PIPE: u32 = 0x1;
@@ -432,8 +442,36 @@ pub const VMBUS_CHANNEL_PACKET_EXTERNAL_DATA_FLAG_READ_ONLY: u32 = 0x1;
 pub const VMBUS_CHANNEL_PACKET_EXTERNAL_DATA_FLAGS: u32 = 0x1;
 pub const VMBUS_SERVER_CHANNEL_INIT_MAXIMUM_OFFER_DATA: u32 = 120;
 
-/// `KMCL_CLIENT_INTERFACE_VERSION_V1` (observed: queried with Version 1 and Size 0x168).
+// ---- interface identifiers (public header values, docs/kmcl-bindings.md "Public identifiers") ---
+
+/// `KMCL_CLIENT_INTERFACE_VERSION_V1`: the `Version` of a client V1 query (`Size` 0x168).
 pub const KMCL_CLIENT_INTERFACE_VERSION_V1: u16 = 1;
+
+/// `KMCL_SERVER_INTERFACE_VERSION_V1`: the `Version` of a server V1 query (`Size` 0x1D8).
+///
+/// The headers also define `..._VERSION_LATEST`, which grows with the SDK (5 from 10.0.19041);
+/// this crate only ever asks for V1, the table every host from Windows 10 1803 on provides.
+pub const KMCL_SERVER_INTERFACE_VERSION_V1: u16 = 1;
+
+/// `KMCL_CLIENT_INTERFACE_TYPE`, `{4aecb860-e161-42bb-a5ca-77f3a9645905}`: the interface type of
+/// the KMCL client interface (`DEFINE_GUID` in `km/vmbuskernelmodeclientlibapi.h`, SDK 10.0.17134
+/// through 10.0.22621, unchanged).
+pub const KMCL_CLIENT_INTERFACE_TYPE: GUID = GUID {
+    Data1: 0x4aec_b860,
+    Data2: 0xe161,
+    Data3: 0x42bb,
+    Data4: [0xa5, 0xca, 0x77, 0xf3, 0xa9, 0x64, 0x59, 0x05],
+};
+
+/// `KMCL_SERVER_INTERFACE_TYPE`, `{83b21474-c5b9-4f65-b5e7-720c692bd371}`: the interface type a
+/// VSP queries from the VMBus root device for the server table (`DEFINE_GUID` in
+/// `km/vmbuskernelmodeclientlibapi.h`, SDK 10.0.17134 through 10.0.22621, unchanged).
+pub const KMCL_SERVER_INTERFACE_TYPE: GUID = GUID {
+    Data1: 0x83b2_1474,
+    Data2: 0xc5b9,
+    Data3: 0x4f65,
+    Data4: [0xb5, 0xe7, 0x72, 0x0c, 0x69, 0x2b, 0xd3, 0x71],
+};
 
 #[cfg(all(test, target_pointer_width = "64"))]
 mod tests {
@@ -759,7 +797,9 @@ mod tests {
         assert_eq!(
             VMBUS_CHANNEL_FORMAT_FLAG_WAIT_FOR_COMPLETION
                 | VMBUS_CHANNEL_FORMAT_FLAG_FORCE_MDL_LENGTH
-                | VMBUS_CHANNEL_FORMAT_FLAG_PAGED_BUFFER,
+                | VMBUS_CHANNEL_FORMAT_FLAG_PAGED_BUFFER
+                | VMBUS_CHANNEL_FORMAT_FLAG_DATA_IN_ONLY
+                | VMBUS_CHANNEL_FORMAT_FLAG_DATA_OUT_ONLY,
             VMBUS_CHANNEL_FORMAT_FLAGS
         );
         assert_eq!(
@@ -770,5 +810,28 @@ mod tests {
                 | VMBUS_SERVER_CHANNEL_INIT_FLAG_TLNPI_PROVIDER_OFFER,
             VMBUS_SERVER_CHANNEL_INIT_FLAGS
         );
+    }
+
+    #[test]
+    fn interface_identifiers_match_the_header_text() {
+        // The registry format of the two GUIDs as the header's comments write them.
+        fn text(g: &GUID) -> [u8; 16] {
+            let mut out = [0u8; 16];
+            out[..4].copy_from_slice(&g.Data1.to_be_bytes());
+            out[4..6].copy_from_slice(&g.Data2.to_be_bytes());
+            out[6..8].copy_from_slice(&g.Data3.to_be_bytes());
+            out[8..].copy_from_slice(&g.Data4);
+            out
+        }
+        assert_eq!(
+            u128::from_be_bytes(text(&KMCL_CLIENT_INTERFACE_TYPE)),
+            0x4aecb860_e161_42bb_a5ca_77f3a9645905
+        );
+        assert_eq!(
+            u128::from_be_bytes(text(&KMCL_SERVER_INTERFACE_TYPE)),
+            0x83b21474_c5b9_4f65_b5e7_720c692bd371
+        );
+        assert_eq!(KMCL_SERVER_INTERFACE_VERSION_V1, 1);
+        assert_eq!(KMCL_CLIENT_INTERFACE_VERSION_V1, 1);
     }
 }

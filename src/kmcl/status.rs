@@ -48,6 +48,8 @@ statuses! {
     NO_MEMORY = 0xC000_0017;
     /// `STATUS_MORE_PROCESSING_REQUIRED` (error severity!): a restore wants the next chunk.
     MORE_PROCESSING_REQUIRED = 0xC000_0016;
+    /// `STATUS_ACCESS_DENIED`: the caller's class may not do this (docs/control.md §10).
+    ACCESS_DENIED = 0xC000_0022;
     /// `STATUS_BUFFER_TOO_SMALL`: nothing was written; a larger buffer is required.
     BUFFER_TOO_SMALL = 0xC000_0023;
     /// `STATUS_OBJECT_NAME_NOT_FOUND`.

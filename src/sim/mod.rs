@@ -43,18 +43,14 @@ pub use verifier::{Violation, ViolationKind, take_unattributed_violations};
 
 use crate::kmcl::raw::GUID;
 
-/// The interface type GUID the **simulator** answers for the KMCL server interface.
-///
-/// This is a simulator-only value, made up for this crate (`{5e3b0c1a-7f64-4d2e-9a51-53494d4b4d43}`,
-/// the last bytes spell "SIMKMC"). It is **not** the real `KMCL_SERVER_INTERFACE_TYPE`, whose value
-/// is not public (kmcl-reference §7.1): a Windows build must take that from the WDK header.
-pub const SIM_KMCL_SERVER_INTERFACE_TYPE: GUID = GUID {
-    Data1: 0x5e3b_0c1a,
-    Data2: 0x7f64,
-    Data3: 0x4d2e,
-    Data4: [0x9a, 0x51, 0x53, 0x49, 0x4d, 0x4b, 0x4d, 0x43],
-};
+/// The interface type GUID the simulator answers for the KMCL server interface: the real, public
+/// `KMCL_SERVER_INTERFACE_TYPE` ([`crate::kmcl::raw::KMCL_SERVER_INTERFACE_TYPE`],
+/// docs/kmcl-bindings.md "Public identifiers"), so that code written against the simulator asks
+/// for exactly what a Windows host is asked for. Any other GUID is refused with
+/// `STATUS_NOT_SUPPORTED`.
+pub const SIM_KMCL_SERVER_INTERFACE_TYPE: GUID = crate::kmcl::raw::KMCL_SERVER_INTERFACE_TYPE;
 
-/// The interface version the simulator answers (`KMCL_SERVER_INTERFACE_VERSION_V1` is very likely
-/// 1, kmcl-reference §1.6).
-pub const SIM_KMCL_SERVER_INTERFACE_VERSION: u16 = 1;
+/// The interface version the simulator answers: `KMCL_SERVER_INTERFACE_VERSION_V1`
+/// ([`crate::kmcl::raw::KMCL_SERVER_INTERFACE_VERSION_V1`]).
+pub const SIM_KMCL_SERVER_INTERFACE_VERSION: u16 =
+    crate::kmcl::raw::KMCL_SERVER_INTERFACE_VERSION_V1;

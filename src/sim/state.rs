@@ -34,6 +34,15 @@ use crate::kmcl::raw::{
     VMBUS_SERVER_CHANNEL_INIT_FLAG_FORCE_NEW_CHANNEL,
 };
 
+/// Format flags that describe the packet's external-data MDL (`FORCE_MDL_LENGTH`, and from SDK
+/// 10.0.18362 `DATA_IN_ONLY` / `DATA_OUT_ONLY`). The simulator models no external MDLs, so a send
+/// carrying any of them is refused with `STATUS_INVALID_PARAMETER` and recorded as a violation: a
+/// simulator decision (docs/simulator.md, "Format flags"), not a documented KMCL result.
+pub(crate) const MDL_ONLY_FORMAT_FLAGS: u32 =
+    crate::kmcl::raw::VMBUS_CHANNEL_FORMAT_FLAG_FORCE_MDL_LENGTH
+        | crate::kmcl::raw::VMBUS_CHANNEL_FORMAT_FLAG_DATA_IN_ONLY
+        | crate::kmcl::raw::VMBUS_CHANNEL_FORMAT_FLAG_DATA_OUT_ONLY;
+
 /// Transaction ids are unique in the whole process (so a guest migrated between instances can
 /// never complete a new packet with an old id).
 static NEXT_TXID: AtomicU64 = AtomicU64::new(1);
@@ -1300,13 +1309,14 @@ impl Shared {
         if let Some(status) = st.tick(call) {
             return status;
         }
-        if flags & !VMBUS_CHANNEL_FORMAT_FLAGS != 0
-            || flags & crate::kmcl::raw::VMBUS_CHANNEL_FORMAT_FLAG_FORCE_MDL_LENGTH != 0
-        {
+        if flags & !VMBUS_CHANNEL_FORMAT_FLAGS != 0 || flags & MDL_ONLY_FORMAT_FLAGS != 0 {
             st.violation(
                 ViolationKind::InvalidArgument,
                 Some(call),
-                format!("flags {flags:#x}: undefined bits or FORCE_MDL_LENGTH without an MDL"),
+                format!(
+                    "flags {flags:#x}: undefined bits, or an MDL flag (FORCE_MDL_LENGTH, \
+                     DATA_IN_ONLY, DATA_OUT_ONLY) on a send without an MDL"
+                ),
             );
             return NtStatus::INVALID_PARAMETER;
         }

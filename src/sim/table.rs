@@ -632,8 +632,14 @@ kmcl_fn! {
                 );
                 return NtStatus::NOT_SUPPORTED;
             }
-            if flags & !VMBUS_CHANNEL_FORMAT_FLAGS != 0 {
-                bad_argument(&shared, call, "undefined flag bits");
+            if flags & !VMBUS_CHANNEL_FORMAT_FLAGS != 0
+                || flags & super::state::MDL_ONLY_FORMAT_FLAGS != 0
+            {
+                bad_argument(
+                    &shared,
+                    call,
+                    "undefined flag bits, or an MDL flag on a request without an MDL",
+                );
                 return NtStatus::INVALID_PARAMETER;
             }
             match copy_in(&shared, call, buffer, size) {

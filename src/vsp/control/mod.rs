@@ -5,6 +5,7 @@
 //! here is platform-neutral (no KMDF, no `unsafe`): the driver only copies buffers, converts the
 //! caller's VMBus handle in the caller's process context, and passes the results in.
 //!
+//! * [`access`] — the access model: [`CallerClass`] and which class may run which operation.
 //! * [`codes`] — the IOCTL codes ([`ctl_code`]) and the [`ControlOp`] they name.
 //! * [`wire`] — the versioned little-endian request and response layouts.
 //! * [`parse`] — validation of untrusted request bytes into a [`parse::Parsed`] request.
@@ -32,12 +33,14 @@
 //!   channel that another request is using, `STATUS_INVALID_DEVICE_STATE` for a call in the wrong
 //!   phase, a KMCL status, ...). The response's fixed part is always written in full.
 
+pub mod access;
 pub mod codes;
 pub mod dispatch;
 pub mod parse;
 pub mod registry;
 pub mod wire;
 
+pub use access::{CallerClass, authorize};
 pub use codes::{
     ControlOp, FILE_DEVICE_VMBSRV, FILE_READ_DATA, FILE_WRITE_DATA,
     IOCTL_VMBSRV_COMPLETE_MIGRATION, IOCTL_VMBSRV_CREATE_CHANNEL, IOCTL_VMBSRV_DESTROY_CHANNEL,

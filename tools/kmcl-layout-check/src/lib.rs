@@ -15,7 +15,7 @@ pub struct Check {
     pub what: &'static str,
     /// The value clang computed from the WDK header.
     pub c: i128,
-    /// The value computed from `vmbsrv::kmcl::raw` (or from vmbsrv's header parser).
+    /// The value computed from `vmbsrv::kmcl::raw`.
     pub rust: i128,
 }
 
