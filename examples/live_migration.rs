@@ -116,6 +116,8 @@ fn print_text(config: &MigrationConfig, report: &MigrationReport) {
             "in order"
         }
     );
+    // Which reading of each undocumented KMCL behaviour the simulator played (VMBSRV_SIM_READINGS).
+    println!("  KMCL readings: {}", config.sim.readings());
     println!();
     println!("  messages posted            {:>12}", report.posted);
     println!(

@@ -458,3 +458,278 @@ fn restore_progress_is_complete_once() {
     }
     assert_eq!(kmcl.finish(), Vec::new());
 }
+
+// ---- Under every reading of KMCL's undocumented behaviour (docs/kmcl-bindings.md) ------------
+
+fn with_readings(spec: &str) -> SimConfig {
+    let mut config = SimConfig::default();
+    config.apply_readings(spec).unwrap();
+    config
+}
+
+/// Every sequence of `outcomes` once, and `count` of them.
+fn each_once(outcomes: &[Outcome], count: usize) {
+    let mut sequences: Vec<u64> = outcomes.iter().map(|o| o.sequence).collect();
+    sequences.sort_unstable();
+    sequences.dedup();
+    assert_eq!(
+        sequences.len(),
+        outcomes.len(),
+        "a sequence ended twice: {outcomes:?}"
+    );
+    assert_eq!(outcomes.len(), count, "{outcomes:?}");
+}
+
+/// Defect 4. A channel restored into and torn down before it was ever enabled, under each
+/// reading of `VmbChannelDisable` on such a channel (returns the restored packets before it
+/// returns / later / never) and each restore timing. Before: the context was freed after Cleanup
+/// whatever KMCL still owned, and where Disable never returned the packets their deliveries never
+/// ended. Now every delivery ends exactly once (cancelled: the guest never saw it here), and the
+/// context is kept — a bounded, counted leak — exactly when KMCL still owns packets.
+#[test]
+fn a_restored_channel_torn_down_before_start_is_safe_under_every_disable_reading() {
+    let stream = migrated_stream(6, 4096);
+    for disable in ["before_return", "later", "never"] {
+        for timing in ["before_enable", "after_enable"] {
+            let spec = format!("disable_restored={disable},restore_timing={timing}");
+            let kmcl = Kmcl::new(with_readings(&spec));
+            {
+                let interface = query_server_interface(&kmcl).unwrap();
+                let channel: VspChannel<'_, Lock> =
+                    VspChannel::create_for_restore(&interface, &channel_config(&kmcl, 16, MAX_LEN))
+                        .unwrap();
+                for frame in FrameReader::new(&stream).unwrap() {
+                    let frame = frame.unwrap();
+                    match frame.kind {
+                        FrameKind::ChannelRecord => {
+                            channel.restore_channel_record(frame.payload).unwrap();
+                        }
+                        FrameKind::KmclChunk => {
+                            channel.restore_chunk(frame.payload).unwrap();
+                        }
+                    }
+                }
+                assert_eq!(channel.phase(), Phase::Restored, "{spec}");
+                channel.disable().unwrap();
+                kmcl.wait_idle();
+                let outcomes = drain(&channel);
+                each_once(&outcomes, 6);
+                assert!(
+                    outcomes.iter().all(|o| o.kind == OutcomeKind::Cancelled),
+                    "{spec}: {outcomes:?}"
+                );
+                assert_eq!(channel.statistics().in_flight, 0, "{spec}");
+                channel.check_invariants().unwrap();
+                drop(channel);
+                // Only a channel whose library really never hands packets back keeps its context
+                // (an enabled channel's Disable returns every packet under every reading).
+                let kept = u32::from(disable == "never" && timing == "before_enable");
+                assert_eq!(interface.leaked_channels(), kept, "{spec}");
+            }
+            assert_eq!(kmcl.finish(), Vec::new(), "{spec}");
+        }
+    }
+}
+
+/// Defect 5. Posts racing saves (each pauses the channel) where the library serializes
+/// `VmbPacketSend` against `EvtChannelSuspend`. Before: the suspend callback waited for posts
+/// under way, so a post blocked in its send behind the callback deadlocked the pause. Now nothing
+/// waits in the callback; a post that crosses the suspend is refused and ends at once.
+#[test]
+fn posts_racing_pauses_never_deadlock_when_sends_are_serialized() {
+    for spec in ["send_vs_suspend=serialized", "send_vs_suspend=concurrent"] {
+        let kmcl = Kmcl::new(with_readings(spec));
+        {
+            let interface = query_server_interface(&kmcl).unwrap();
+            let (channel, mut guest) = busy(&kmcl, &interface, 0);
+            let accepted = Mutex::new(0u64);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    let mut ledger = vmbsrv::scenario::ledger::Ledger::new();
+                    for tag in 0..400u64 {
+                        let request = PostRequest {
+                            tag,
+                            payload: &[7u8; 40],
+                            posted_at: 0,
+                            trace_id: None,
+                        };
+                        if channel.post(&request).is_ok() {
+                            *accepted.lock().unwrap() += 1;
+                        }
+                        if tag % 4 == 0 {
+                            guest.pump(&mut ledger);
+                            guest.acknowledge(guest.held(), None);
+                        }
+                    }
+                });
+                for _ in 0..10 {
+                    if channel.save_begin().is_ok() {
+                        channel.resume().unwrap();
+                    }
+                }
+            });
+            channel.disable().unwrap();
+            kmcl.wait_idle();
+            let mut outcomes = Vec::new();
+            loop {
+                let batch = drain(&channel);
+                if batch.is_empty() {
+                    break;
+                }
+                outcomes.extend(batch);
+            }
+            each_once(&outcomes, *accepted.lock().unwrap() as usize);
+            channel.check_invariants().unwrap();
+        }
+        assert_eq!(kmcl.finish(), Vec::new(), "{spec}");
+    }
+}
+
+/// Defect 7. A library whose `VmbPacketRestore` resets the completion routine but keeps the
+/// context pointer. Before: the routine was set again only when the pointer had changed, so the
+/// restored deliveries never completed. Now both are set after every restore.
+#[test]
+fn restored_deliveries_complete_when_only_the_routine_was_reset() {
+    for spec in [
+        "restored_context=reset_routine",
+        "restored_context=reset",
+        "restored_context=keep",
+    ] {
+        // Source: five deliveries in flight, the VM (and its ring) leaves with the save.
+        let kmcl_a = Kmcl::new(SimConfig::default());
+        let (stream, mut guest) = {
+            let interface = query_server_interface(&kmcl_a).unwrap();
+            let (channel, guest) = busy(&kmcl_a, &interface, 5);
+            guest.endpoint.detach();
+            let (stream, _, _) = save_channel(&channel, 4096).unwrap();
+            channel.complete_migration().unwrap();
+            kmcl_a.wait_idle();
+            (stream, guest)
+        };
+        assert_eq!(kmcl_a.finish(), Vec::new());
+        let kmcl = Kmcl::new(with_readings(spec));
+        {
+            let interface = query_server_interface(&kmcl).unwrap();
+            let channel: VspChannel<'_, Lock> =
+                VspChannel::create_for_restore(&interface, &channel_config(&kmcl, 16, MAX_LEN))
+                    .unwrap();
+            restore_channel(&channel, &stream).unwrap();
+            kmcl.attach_guest(&guest.endpoint).unwrap();
+            kmcl.wait_idle();
+            let mut ledger = vmbsrv::scenario::ledger::Ledger::new();
+            guest.pump(&mut ledger);
+            guest.acknowledge(guest.held(), None);
+            kmcl.wait_idle();
+            let outcomes = drain(&channel);
+            each_once(&outcomes, 5);
+            assert!(
+                outcomes.iter().all(|o| o.kind == OutcomeKind::Acked),
+                "{spec}: {outcomes:?}"
+            );
+            channel.disable().unwrap();
+            kmcl.wait_idle();
+        }
+        assert_eq!(kmcl.finish(), Vec::new(), "{spec}");
+    }
+}
+
+/// Completions the library delivers while the channel is paused, between `save_begin` and
+/// `save_end`: the save no longer holds exactly the deliveries in flight, so it fails (a blob
+/// that carried an acknowledged delivery would deliver it twice); resuming ends each delivery
+/// once, and a new save succeeds.
+#[test]
+fn completions_delivered_while_paused_fail_the_save_not_the_delivery() {
+    let kmcl = Kmcl::new(with_readings("completions_while_paused=delivered"));
+    {
+        let interface = query_server_interface(&kmcl).unwrap();
+        let (channel, mut guest) = busy(&kmcl, &interface, 4);
+        let mut ledger = vmbsrv::scenario::ledger::Ledger::new();
+        guest.pump(&mut ledger);
+        channel.save_begin().unwrap();
+        guest.acknowledge(2, None);
+        kmcl.wait_idle();
+        let mut buffer = vec![0u8; 4096];
+        loop {
+            let chunk = channel.save_continue(&mut buffer).unwrap();
+            if chunk.status == NtStatus::SUCCESS {
+                break;
+            }
+        }
+        assert!(channel.save_end().is_err(), "a save with ended deliveries");
+        assert_eq!(channel.phase(), Phase::SaveFailed);
+        assert!(channel.complete_migration().is_err());
+        channel.resume().unwrap();
+        let first = drain(&channel);
+        each_once(&first, 2);
+        // The guest stops acknowledging; a save now holds exactly the two left.
+        guest.endpoint.detach();
+        let (stream, _, _) = save_channel(&channel, 4096).unwrap();
+        channel.complete_migration().unwrap();
+        kmcl.wait_idle();
+        let rest = drain(&channel);
+        assert!(rest.iter().all(|o| o.kind == OutcomeKind::Migrated));
+        let mut all = first;
+        all.extend(rest);
+        each_once(&all, 4);
+        assert!(!stream.is_empty());
+    }
+    assert_eq!(kmcl.finish(), Vec::new());
+}
+
+/// Whatever `VmbChannelPacketFail` does, vmbsrv never calls it: garbled requests are answered
+/// with an error reply, and a pause after them returns.
+#[test]
+fn garbled_requests_never_reach_packet_fail_under_either_reading() {
+    for spec in ["packet_fail=retires", "packet_fail=keeps"] {
+        let kmcl = Kmcl::new(with_readings(spec));
+        {
+            let interface = query_server_interface(&kmcl).unwrap();
+            let (channel, guest) = busy(&kmcl, &interface, 0);
+            let id = guest.endpoint.send_request(&[0xEEu8; 24]).unwrap();
+            let reply = guest.endpoint.wait_reply(id, Duration::from_secs(5));
+            assert!(
+                matches!(reply, Some(Reply::Completed(_))),
+                "{spec}: {reply:?}"
+            );
+            channel.save_begin().unwrap();
+            channel.resume().unwrap();
+            assert_eq!(kmcl.call_count(vmbsrv::sim::KmclCall::ChannelPacketFail), 0);
+            channel.disable().unwrap();
+            kmcl.wait_idle();
+        }
+        assert_eq!(kmcl.finish(), Vec::new(), "{spec}");
+    }
+}
+
+/// The header (19041 and later) refuses a second friendly name; vmbsrv sets it once per channel.
+#[test]
+fn the_friendly_name_is_set_once_per_channel() {
+    let kmcl = Kmcl::new(SimConfig::default());
+    {
+        let interface = query_server_interface(&kmcl).unwrap();
+        for _ in 0..3 {
+            let channel: VspChannel<'_, Lock> =
+                VspChannel::create_for_restore(&interface, &channel_config(&kmcl, 16, MAX_LEN))
+                    .unwrap();
+            drop(channel);
+        }
+        assert_eq!(
+            kmcl.call_count(vmbsrv::sim::KmclCall::ChannelInitSetFriendlyName),
+            3
+        );
+    }
+    assert_eq!(kmcl.finish(), Vec::new());
+}
+
+/// A library whose Pause waits until the guest has completed every packet it holds: the main
+/// job, with a guest that keeps running while the host pauses, delivers exactly once (what is
+/// handed over is only what never reached the ring).
+#[test]
+fn a_pause_that_waits_for_outgoing_packets_still_migrates_exactly_once() {
+    let mut config = vmbsrv::scenario::MigrationConfig::new(1500, 3).deterministic();
+    config.sim.apply_readings("pause_waits=outgoing").unwrap();
+    let report = vmbsrv::scenario::run_live_migration(&config).unwrap();
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert_eq!(report.verdict.delivered, 1500, "{:?}", report.verdict);
+    assert!(report.verdict.is_clean(), "{:?}", report.verdict);
+}

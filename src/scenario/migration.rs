@@ -25,6 +25,7 @@
 //! ```
 
 use std::string::String;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use std::vec;
 use std::vec::Vec;
@@ -36,8 +37,8 @@ use crate::kmcl::raw::GUID;
 use crate::kmcl::{NtStatus, SERVER_INTERFACE_V1_SIZE, ServerInterface};
 use crate::saved::stream::{FrameKind, FrameReader, FrameWriter, frame_len};
 use crate::sim::{
-    Guest, Kmcl, SIM_KMCL_SERVER_INTERFACE_TYPE, SIM_KMCL_SERVER_INTERFACE_VERSION, Schedule,
-    SimConfig, SimSpinLock, Violation,
+    Guest, Kmcl, PauseWaits, SIM_KMCL_SERVER_INTERFACE_TYPE, SIM_KMCL_SERVER_INTERFACE_VERSION,
+    Schedule, SimConfig, SimSpinLock, Violation,
 };
 use crate::vsp::{
     ChannelConfig, DeliveryTable, Outcome, OutcomeKind, PostRequest, RestoreProgress, Statistics,
@@ -530,7 +531,29 @@ pub fn run_live_migration(config: &MigrationConfig) -> Result<MigrationReport, S
         report.in_flight_at_save = host.channel.statistics().in_flight;
         report.held_by_guest_at_save = guest.held();
         let save_started = Instant::now();
-        let (stream, chunks, chunk_size) = save_channel(&host.channel, config.chunk_size)?;
+        let (stream, chunks, chunk_size) =
+            if config.sim.pause_waits == PauseWaits::IncomingAndOutgoing {
+                // Under this reading `VmbChannelPause` returns only once the guest has completed
+                // every packet it holds (docs/kmcl-bindings.md): the VM keeps running while the
+                // host pauses the channel, so the guest reads and acknowledges meanwhile.
+                let pausing = AtomicBool::new(true);
+                let ledger = &mut traffic.ledger;
+                let guest = &mut guest;
+                std::thread::scope(|scope| {
+                    scope.spawn(|| {
+                        while pausing.load(Ordering::Acquire) {
+                            guest.pump(ledger);
+                            guest.acknowledge(guest.held(), None);
+                            std::thread::sleep(Duration::from_micros(100));
+                        }
+                    });
+                    let saved = save_channel(&host.channel, config.chunk_size);
+                    pausing.store(false, Ordering::Release);
+                    saved
+                })?
+            } else {
+                save_channel(&host.channel, config.chunk_size)?
+            };
         report.save_time = save_started.elapsed();
         report.chunks = chunks;
         report.chunk_size = chunk_size;
