@@ -77,7 +77,7 @@ fn save_busy_channel(chunk_size: usize) -> Saved {
 
 /// Restores `record` + `chunks` on a fresh simulator; returns the first failure (or `Ok`), after a
 /// full teardown that must leave no violation. Restored deliveries that a failed restore leaves
-/// behind must come back as cancelled outcomes.
+/// behind must come back as handed-over (`Migrated`) outcomes: the blob still carries them.
 fn restore_on_fresh_sim(
     config: SimConfig,
     record: &[u8],
@@ -125,10 +125,11 @@ fn restore_on_fresh_sim(
             count as u32, restored,
             "every restored delivery comes back exactly once"
         );
+        // The blob still carries them (it may be replayed): handed over, never cancelled.
         assert!(
             outcomes[..count]
                 .iter()
-                .all(|o| o.kind == OutcomeKind::Cancelled)
+                .all(|o| o.kind == OutcomeKind::Migrated)
         );
         assert_eq!(channel.statistics().in_flight, 0);
         result

@@ -257,7 +257,9 @@ fn a_forged_duplicate_is_refused_on_insertion_and_ends_once() {
         sequences.len(),
         "a sequence ended twice: {outcomes:?}"
     );
-    assert_eq!(cancelled, outcomes.len() as u64);
+    // The blob still carries them: handed over, not cancelled (and not counted here).
+    assert!(outcomes.iter().all(|o| o.kind == OutcomeKind::Migrated));
+    assert_eq!(cancelled, 0);
 }
 
 /// Defect 3. Garbled guest requests queued while the channel is paused are handled when it
@@ -484,7 +486,7 @@ fn each_once(outcomes: &[Outcome], count: usize) {
 /// reading of `VmbChannelDisable` on such a channel (returns the restored packets before it
 /// returns / later / never) and each restore timing. Before: the context was freed after Cleanup
 /// whatever KMCL still owned, and where Disable never returned the packets their deliveries never
-/// ended. Now every delivery ends exactly once (cancelled: the guest never saw it here), and the
+/// ended. Now every delivery ends exactly once (handed over: the blob still carries it), and the
 /// context is kept — a bounded, counted leak — exactly when KMCL still owns packets.
 #[test]
 fn a_restored_channel_torn_down_before_start_is_safe_under_every_disable_reading() {
@@ -515,7 +517,7 @@ fn a_restored_channel_torn_down_before_start_is_safe_under_every_disable_reading
                 let outcomes = drain(&channel);
                 each_once(&outcomes, 6);
                 assert!(
-                    outcomes.iter().all(|o| o.kind == OutcomeKind::Cancelled),
+                    outcomes.iter().all(|o| o.kind == OutcomeKind::Migrated),
                     "{spec}: {outcomes:?}"
                 );
                 assert_eq!(channel.statistics().in_flight, 0, "{spec}");

@@ -902,15 +902,15 @@ fn destination_channel(
             }
             Err(refusal) => {
                 run.refused.push(refusal);
-                // The failed attempt is torn down: what it rebuilt comes back cancelled, and is
-                // not an outcome of the migration.
+                // The failed attempt is torn down: what it rebuilt comes back handed over (the
+                // blob still carries it), and is not an outcome of the migration.
                 let rebuilt = drv(|| channel.statistics()).in_flight as usize;
                 drv(|| channel.disable()).expect("disable");
                 kmcl.wait_idle();
                 let mut discarded = Vec::new();
                 drain(&channel, &mut discarded);
                 assert_eq!(discarded.len(), rebuilt);
-                assert!(discarded.iter().all(|o| o.kind == OutcomeKind::Cancelled));
+                assert!(discarded.iter().all(|o| o.kind == OutcomeKind::Migrated));
                 drv(|| drop(channel));
             }
         }

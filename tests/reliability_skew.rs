@@ -240,7 +240,7 @@ fn destination(
                 kmcl.wait_idle();
                 let outcomes = drain(&channel, &mut scratch);
                 assert_eq!(outcomes.len(), rebuilt, "every rebuilt delivery comes back");
-                assert!(outcomes.iter().all(|o| o.kind == OutcomeKind::Cancelled));
+                assert!(outcomes.iter().all(|o| o.kind == OutcomeKind::Migrated));
                 Err(status)
             }
             Ok(()) => {

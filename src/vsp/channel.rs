@@ -1062,6 +1062,21 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
     /// usable for fetching outcomes and statistics. PASSIVE_LEVEL.
     pub fn disable(&self) -> Result<()> {
         let _guard = self.control()?;
+        let phase = self.vsp().phase();
+        self.vsp().table.with(|table| {
+            // Deliveries a blob still carries end where the blob is restored, not here: those of
+            // a restore that failed or was never started (the blob may be replayed), and those
+            // of a complete save that was never resumed (the blob is their only copy now). They
+            // come back `Migrated`, never `Cancelled`, so a client never re-posts what the blob
+            // will deliver (docs/control.md, "Restore at most once").
+            let restored_never_ran = matches!(
+                phase,
+                Phase::Restoring | Phase::RestoreFailed | Phase::Restored
+            );
+            if restored_never_ran || (phase == Phase::Saved && table.save.is_complete()) {
+                table.migrated = true;
+            }
+        });
         self.end_save_in_progress();
         // Best effort: a send still under way after the bounded wait meets a disabled channel,
         // which refuses it (the post reports the failure and frees its slot).
@@ -1071,7 +1086,7 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
         // On a channel that never ran (restored into, or enabled for a restore and never
         // started) Disable may return before handing the restored packets back, or never hand
         // them back (undocumented; docs/kmcl-bindings.md). Wait a bounded time, then settle what
-        // is left as cancelled: the guest never saw those packets here. The packets themselves
+        // is left (as handed over, above): the guest never saw those packets here. The packets themselves
         // stay counted until KMCL returns them, so teardown never frees what KMCL can reach.
         let vsp = self.vsp();
         let mut rounds = 0;
