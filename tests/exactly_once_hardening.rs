@@ -735,3 +735,43 @@ fn a_pause_that_waits_for_outgoing_packets_still_migrates_exactly_once() {
     assert_eq!(report.verdict.delivered, 1500, "{:?}", report.verdict);
     assert!(report.verdict.is_clean(), "{:?}", report.verdict);
 }
+
+/// Adversarial review, finding 4: under a library whose Disable never hands back restored
+/// packets, each restore torn down before Start keeps its channel's context. Before: the bound
+/// was 16 whole contexts (delivery tables included), after which every channel creation failed
+/// until the driver reloaded — a client that kept failing restores disabled the driver. Now a
+/// kept context first gives back its delivery table, and the bound is 4,096 such small contexts:
+/// twenty failed restores later, channels are still created and migrations still restore.
+#[test]
+fn failed_restores_under_a_library_that_never_returns_packets_do_not_disable_the_driver() {
+    let stream = migrated_stream(3, 4096);
+    let kmcl = Kmcl::new(with_readings("disable_restored=never"));
+    {
+        let interface = query_server_interface(&kmcl).unwrap();
+        for round in 0..20 {
+            let channel: VspChannel<'_, Lock> =
+                VspChannel::create_for_restore(&interface, &channel_config(&kmcl, 16, MAX_LEN))
+                    .unwrap_or_else(|status| panic!("round {round}: create refused: {status}"));
+            for frame in FrameReader::new(&stream).unwrap() {
+                let frame = frame.unwrap();
+                match frame.kind {
+                    FrameKind::ChannelRecord => channel.restore_channel_record(frame.payload),
+                    FrameKind::KmclChunk => channel.restore_chunk(frame.payload).map(|_| ()),
+                }
+                .unwrap();
+            }
+            channel.disable().unwrap();
+            let outcomes = drain(&channel);
+            each_once(&outcomes, 3);
+            drop(channel);
+            assert_eq!(interface.leaked_channels(), round + 1);
+        }
+        let channel: VspChannel<'_, Lock> =
+            VspChannel::create_for_restore(&interface, &channel_config(&kmcl, 16, MAX_LEN))
+                .unwrap();
+        restore_channel(&channel, &stream).unwrap();
+        assert_eq!(channel.statistics().in_flight, 3);
+        channel.disable().unwrap();
+    }
+    assert_eq!(kmcl.finish(), Vec::new());
+}

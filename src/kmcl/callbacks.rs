@@ -60,6 +60,11 @@ pub trait ChannelEvents: Sync + Sized {
     fn packets_worth_waiting_for(&self) -> u32 {
         self.outstanding_packets()
     }
+    /// Called at PASSIVE_LEVEL by teardown when it keeps the handler alive because
+    /// [`outstanding_packets`](Self::outstanding_packets) is not 0: give back every allocation a
+    /// late completion routine does not need (it must still account for its packet), so that a
+    /// kept channel costs little.
+    fn shed_memory(&self) {}
     /// Called at PASSIVE_LEVEL by teardown while [`outstanding_packets`](Self::outstanding_packets)
     /// is not 0, between two looks at it: give the processor to the thread that completes them.
     fn relax(&self) {

@@ -47,7 +47,9 @@ const TEARDOWN_WAIT_ROUNDS: u32 = 1 << 12;
 /// `VmbChannelCleanup`, or never. Their completion routine reaches `bound`. So teardown waits a
 /// bounded time after Disable, calls Cleanup, and if a packet is still unaccounted for it keeps
 /// `bound` alive (a bounded leak, counted by [`ServerInterface::leaked_channels`]) rather than
-/// free memory a completion routine could still reach.
+/// free memory a completion routine could still reach; the handler first gives back what such a
+/// routine does not need ([`ChannelEvents::shed_memory`]), so a kept channel costs a few hundred
+/// bytes, not its delivery table.
 pub struct OwnedChannel<'a, H: ChannelEvents> {
     bound: ManuallyDrop<FallibleBox<Bound<'a, H>>>,
     raw: VMBCHANNEL,
@@ -355,7 +357,9 @@ impl<H: ChannelEvents> Drop for OwnedChannel<'_, H> {
         }
         call!(self.interface(), Client.VmbChannelCleanup(self.raw) else ());
         if self.bound.handler.outstanding_packets() != 0 {
-            // A completion routine may still reach `bound`: keep it (see the type's docs).
+            // A completion routine may still reach `bound`: keep it (see the type's docs), with
+            // only what such a routine needs.
+            self.bound.handler.shed_memory();
             self.interface().record_leaked_channel();
             return;
         }

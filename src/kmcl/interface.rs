@@ -110,10 +110,12 @@ pub struct ServerInterface {
     leaked_channels: AtomicU32,
 }
 
-/// At most this many channels may be kept by teardown (each holds its context, up to a few MiB
-/// at the largest table); past it, new channels are refused with `STATUS_INSUFFICIENT_RESOURCES`
-/// so a client that makes restores fail again and again cannot exhaust the pool.
-pub const MAX_LEAKED_CHANNELS: u32 = 16;
+/// At most this many channels may be kept by teardown (each keeps its context after giving back
+/// its large allocations, [`ChannelEvents::shed_memory`](super::ChannelEvents::shed_memory): a few
+/// hundred bytes); past it, new channels are refused with `STATUS_INSUFFICIENT_RESOURCES`, so a
+/// client that makes restores fail again and again cannot exhaust the pool — it needs 4,096
+/// failed restores, under a library that never returns restored packets, to reach the bound.
+pub const MAX_LEAKED_CHANNELS: u32 = 4096;
 
 // SAFETY: the table holds function pointers and the provider's opaque `Context`. KMCL entry points
 // are callable from any thread (they are called from DPCs and worker threads alike), and `Context`

@@ -411,6 +411,12 @@ impl<L: DispatchLock<DeliveryTable>> ChannelEvents for Vsp<L> {
         L::relax();
     }
 
+    fn shed_memory(&self) {
+        // Taken under the lock (a few pointer moves), freed after it is released.
+        let storage = self.table.with(|table| table.take_storage());
+        drop(storage);
+    }
+
     fn opened(&self, _channel: Channel<'_, Self>) -> NtStatus {
         let keep = self.keep_version_on_open.swap(false, Ordering::AcqRel);
         if !keep {

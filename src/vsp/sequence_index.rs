@@ -50,6 +50,13 @@ pub(crate) const fn mix(mut value: u64) -> u64 {
 }
 
 impl SequenceIndex {
+    /// Empties the index for good and returns its storage (to be freed outside a lock); every
+    /// lookup afterwards finds nothing.
+    pub fn take_storage(&mut self) -> Vec<u32> {
+        self.mask = 0;
+        core::mem::take(&mut self.places)
+    }
+
     /// An empty index for up to `capacity` sequences.
     pub fn try_new(capacity: u32) -> Result<Self, AllocError> {
         let size = (capacity as usize)

@@ -162,6 +162,15 @@ pub struct DeliveryTable {
     unreturned: u32,
 }
 
+/// Storage taken out of a [`DeliveryTable`] by [`DeliveryTable::take_storage`], to be dropped
+/// outside the table's lock.
+pub struct TableStorage {
+    _slots: Vec<Slot>,
+    _free: Vec<u32>,
+    _outcomes: VecDeque<Outcome>,
+    _index: Vec<u32>,
+}
+
 /// Why a post could not reserve a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReserveError {
@@ -563,6 +572,22 @@ impl DeliveryTable {
         self.unreturned = self.unreturned.saturating_sub(1);
     }
 
+    /// Gives up the table's storage for good (the channel is being kept only because KMCL may
+    /// still complete packets): every delivery still in flight becomes an unreturned packet, and
+    /// the slots, index and outcomes are handed to the caller to free outside the lock. Afterwards
+    /// every token finds nothing, so a late completion only accounts for its packet.
+    pub fn take_storage(&mut self) -> TableStorage {
+        self.unreturned = self.unreturned.saturating_add(self.in_flight);
+        self.in_flight = 0;
+        self.restored = 0;
+        TableStorage {
+            _slots: core::mem::take(&mut self.slots),
+            _free: core::mem::take(&mut self.free),
+            _outcomes: core::mem::take(&mut self.outcomes),
+            _index: self.index.take_storage(),
+        }
+    }
+
     /// Packets KMCL may still hand back: deliveries in flight plus abandoned packets not yet seen.
     pub fn packets_kmcl_owns(&self) -> u32 {
         self.in_flight.saturating_add(self.unreturned)
@@ -619,6 +644,30 @@ mod tests {
         table.running = true;
         table.protocol_version = 1;
         table
+    }
+
+    #[test]
+    fn a_table_without_storage_still_accounts_for_late_completions() {
+        let mut table = ready(4);
+        let (a, _) = table.reserve(1, 0, 1, 0, None).unwrap();
+        table.finish_post(a, true);
+        let (b, _) = table.reserve(2, 0, 1, 0, None).unwrap();
+        table.finish_post(b, true);
+        assert_eq!(table.abandon_unreturned(), 2);
+        let (c, _) = table.reserve(3, 0, 1, 0, None).unwrap();
+        table.finish_post(c, true);
+        assert_eq!(table.packets_kmcl_owns(), 3);
+        let storage = table.take_storage();
+        drop(storage);
+        assert_eq!((table.in_flight(), table.packets_kmcl_owns()), (0, 3));
+        for token in [c, a, b] {
+            assert!(table.complete(token, |_| OutcomeKind::Acked).is_none());
+            assert!(table.delivery(token).is_none());
+            table.completion_without_delivery();
+        }
+        assert_eq!(table.packets_kmcl_owns(), 0);
+        table.completion_without_delivery();
+        assert_eq!(table.packets_kmcl_owns(), 0, "never below zero");
     }
 
     #[test]
