@@ -745,7 +745,10 @@ fn a_pause_that_waits_for_outgoing_packets_still_migrates_exactly_once() {
 #[test]
 fn failed_restores_under_a_library_that_never_returns_packets_do_not_disable_the_driver() {
     let stream = migrated_stream(3, 4096);
-    let kmcl = Kmcl::new(with_readings("disable_restored=never"));
+    // Restored before Enable: an enabled channel's Disable returns every packet under any reading.
+    let kmcl = Kmcl::new(with_readings(
+        "disable_restored=never,restore_timing=before_enable",
+    ));
     {
         let interface = query_server_interface(&kmcl).unwrap();
         for round in 0..20 {
