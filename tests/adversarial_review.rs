@@ -6,22 +6,21 @@
 //! end them a second time. Tests named `withstands_...` are attacks the design survived, kept so
 //! that the list of what was tried stays visible. Findings left open are listed in
 //! docs/reliability.md §8.
-#![cfg(feature = "sim")]
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use kmcl_sim::{FaultPlan, Guest, Kmcl, SimConfig};
 use vmbsrv::kmcl::NtStatus;
 use vmbsrv::saved::stream::{FrameKind, FrameReader};
-use vmbsrv::scenario::migration::{
+use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, RestoreProgress, VspChannel};
+use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
     restore_channel, save_channel,
 };
-use vmbsrv::scenario::{GuestModel, Ledger};
-use vmbsrv::sim::{FaultPlan, Guest, Kmcl, SimConfig};
-use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, RestoreProgress, VspChannel};
+use vmbsrv_testkit::{GuestModel, Ledger};
 
 const MAX_LEN: u32 = 64;
 
@@ -579,15 +578,15 @@ fn withstands_teardown_at_every_phase() {
 /// violation.
 #[test]
 fn withstands_live_migration_under_each_other_reading() {
-    for (point, readings) in vmbsrv::sim::READINGS {
+    for (point, readings) in kmcl_sim::READINGS {
         for reading in &readings[1..] {
             if *point == "pause_waits" {
                 continue;
             }
             let spec = format!("{point}={reading}");
-            let mut config = vmbsrv::scenario::MigrationConfig::new(300, 7);
+            let mut config = vmbsrv_testkit::MigrationConfig::new(300, 7);
             config.sim.apply_readings(&spec).unwrap();
-            let report = vmbsrv::scenario::run_live_migration(&config).unwrap();
+            let report = vmbsrv_testkit::run_live_migration(&config).unwrap();
             assert!(report.verdict.is_clean(), "{spec}: {:?}", report.verdict);
             assert_eq!(report.verdict.delivered, 300, "{spec}");
             assert!(

@@ -57,16 +57,16 @@ use wdk_sys::{
 
 // The panic handler (wdk-panic 0.5: `int 3` in debug builds, then `KeBugCheckEx(0x52504E43)`;
 // notes §2.8) and the allocator (`ExAllocatePool2(POOL_FLAG_NON_PAGED, .., 'rust')`; notes §2.7).
-// Both only where `std` is not linked: `src/lib.rs` links `std` for `test` and the `std` feature,
+// Both only where `std` is not linked: `src/lib.rs` links `std` for `test`,
 // and `std` brings its own panic handler and allocator.
 //
 // WdkAllocator ignores `Layout::align()`; ExAllocatePool2 returns 16-byte aligned blocks on 64-bit
 // Windows. No type in this crate asks for more than 16 (no `#[repr(align)]` outside the
 // simulator; the largest alignment in the driver's data is 8).
-#[cfg(not(any(test, feature = "std")))]
+#[cfg(not(test))]
 extern crate wdk_panic;
 
-#[cfg(not(any(test, feature = "std")))]
+#[cfg(not(test))]
 #[global_allocator]
 static GLOBAL_ALLOCATOR: wdk_alloc::WdkAllocator = wdk_alloc::WdkAllocator;
 
