@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use kmcl_sim::{FaultPlan, Guest, Kmcl, KmclCall, Reply, SimConfig};
 use vmbsrv::kmcl::{NtStatus, ServerInterface};
-use vmbsrv::saved::stream::{FrameKind, FrameReader};
 use vmbsrv::vsp::protocol::{self, Header, Kind, NegotiateRequest};
 use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, RestoreProgress, VspChannel};
+use vmbsrv_testkit::fixtures::split_stream;
 use vmbsrv_testkit::migration::{Lock, channel_config, query_server_interface, save_channel};
 use vmbsrv_testkit::{GuestModel, Ledger, MigrationConfig, Posted};
 use zerocopy::IntoBytes;
@@ -58,15 +58,7 @@ fn save_busy_channel(chunk_size: usize) -> Saved {
     drop(channel);
     drop(interface);
     assert_eq!(kmcl.finish(), Vec::new());
-    let mut record = Vec::new();
-    let mut chunks = Vec::new();
-    for frame in FrameReader::new(&stream).unwrap() {
-        let frame = frame.unwrap();
-        match frame.kind {
-            FrameKind::ChannelRecord => record = frame.payload.to_vec(),
-            FrameKind::KmclChunk => chunks.push(frame.payload.to_vec()),
-        }
-    }
+    let (record, chunks) = split_stream(&stream);
     Saved {
         record,
         chunks,

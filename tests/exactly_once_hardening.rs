@@ -13,6 +13,7 @@ use vmbsrv::saved::stream::{FrameKind, FrameReader, FrameWriter, frame_len};
 use vmbsrv::vsp::protocol::{self, Header, Kind};
 use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, RestoreProgress, VspChannel};
 use vmbsrv_testkit::GuestModel;
+use vmbsrv_testkit::fixtures::split_stream;
 use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
     restore_channel, save_channel,
@@ -58,20 +59,6 @@ fn drain(channel: &VspChannel<'_, Lock>) -> Vec<Outcome> {
     }; 64];
     let count = channel.drain_outcomes(&mut out);
     out[..count].to_vec()
-}
-
-/// The frames of a save stream: the channel record and the KMCL chunks.
-fn split(stream: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
-    let mut record = Vec::new();
-    let mut chunks = Vec::new();
-    for frame in FrameReader::new(stream).unwrap() {
-        let frame = frame.unwrap();
-        match frame.kind {
-            FrameKind::ChannelRecord => record = frame.payload.to_vec(),
-            FrameKind::KmclChunk => chunks.push(frame.payload.to_vec()),
-        }
-    }
-    (record, chunks)
 }
 
 fn join(record: &[u8], chunks: &[Vec<u8>]) -> Vec<u8> {
@@ -329,8 +316,8 @@ fn a_record_paired_with_another_saves_chunks_is_refused() {
         (first, second)
     };
     assert_eq!(kmcl.finish(), Vec::new());
-    let (first_record, first_chunks) = split(&first);
-    let (second_record, second_chunks) = split(&second);
+    let (first_record, first_chunks) = split_stream(&first);
+    let (second_record, second_chunks) = split_stream(&second);
     for (record, chunks) in [
         (&first_record, &second_chunks),
         (&second_record, &first_chunks),
@@ -352,7 +339,7 @@ fn a_record_paired_with_another_saves_chunks_is_refused() {
 #[test]
 fn restored_deliveries_are_checked_against_the_saved_record() {
     let stream = migrated_stream(3, 4096);
-    let (record, chunks) = split(&stream);
+    let (record, chunks) = split_stream(&stream);
     let mut small_messages = record.clone();
     forge_u32(&mut small_messages, RECORD_MAX_MESSAGE_LEN, 1);
     let (result, _, _) =
@@ -443,7 +430,7 @@ fn restore_progress_is_complete_once() {
         let channel: VspChannel<'_, Lock> =
             VspChannel::create_for_restore(&interface, &channel_config(&kmcl, 16, MAX_LEN))
                 .unwrap();
-        let (record, chunks) = split(&stream);
+        let (record, chunks) = split_stream(&stream);
         channel.restore_channel_record(&record).unwrap();
         let mut last = RestoreProgress::NeedMore;
         for chunk in &chunks {

@@ -520,7 +520,7 @@ const EXPECTED: [NtStatus; 4] = [
     NtStatus::DATA_ERROR,
 ];
 
-/// Which reading of KMCL's undocumented points (kmcl-reference §7) the simulator takes.
+/// Which reading of KMCL's undocumented points (docs/kmcl-bindings.md, "Undocumented points") the simulator takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Readings {
     /// `SimConfig::default()`: the conservative reading of every point.

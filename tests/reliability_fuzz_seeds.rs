@@ -18,7 +18,6 @@ use inputs::{
     RestoreInput,
 };
 use kmcl_sim::{Guest, Kmcl};
-use vmbsrv::saved::stream::{FrameKind, FrameReader};
 use vmbsrv::saved::{DeliveryRecord, Extension, PRIVATE_TAG_MIN};
 use vmbsrv::vsp::control::ControlOp;
 use vmbsrv::vsp::control::wire::{
@@ -27,6 +26,7 @@ use vmbsrv::vsp::control::wire::{
 };
 use vmbsrv::vsp::protocol::{self, Header, Kind, NegotiateRequest};
 use vmbsrv::vsp::{PostRequest, VspChannel};
+use vmbsrv_testkit::fixtures::split_stream;
 use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
     save_channel,
@@ -76,15 +76,7 @@ fn real_save(posts: u64, chunk_size: usize) -> RealSave {
         stream
     };
     assert_eq!(kmcl.finish(), Vec::new());
-    let mut record = Vec::new();
-    let mut chunks = Vec::new();
-    for frame in FrameReader::new(&stream).unwrap() {
-        let frame = frame.unwrap();
-        match frame.kind {
-            FrameKind::ChannelRecord => record = frame.payload.to_vec(),
-            FrameKind::KmclChunk => chunks.push(frame.payload.to_vec()),
-        }
-    }
+    let (record, chunks) = split_stream(&stream);
     RealSave {
         stream,
         record,

@@ -22,6 +22,7 @@ use vmbsrv::saved::{
 };
 use vmbsrv::vsp::protocol::VERSION_1_0;
 use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, RestoreProgress, VspChannel};
+use vmbsrv_testkit::fixtures::split_stream;
 use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
     save_channel,
@@ -134,15 +135,7 @@ fn source(in_flight: u64) -> Source {
         stream
     };
     assert_eq!(kmcl.finish(), Vec::new());
-    let mut record = Vec::new();
-    let mut chunks = Vec::new();
-    for frame in FrameReader::new(&stream).unwrap() {
-        let frame = frame.unwrap();
-        match frame.kind {
-            FrameKind::ChannelRecord => record = frame.payload.to_vec(),
-            FrameKind::KmclChunk => chunks.push(frame.payload.to_vec()),
-        }
-    }
+    let (record, chunks) = split_stream(&stream);
     assert!(chunks.len() > 1);
     Source {
         guest,

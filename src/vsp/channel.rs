@@ -625,7 +625,7 @@ impl Drop for ControlGuard<'_> {
 }
 
 impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
-    /// Creates, configures, enables and starts a channel (kmcl-reference §5 order).
+    /// Creates, configures, enables and starts a channel (docs/kmcl-bindings.md §R5 order).
     pub fn create(interface: &'a ServerInterface, config: &ChannelConfig) -> Result<Self> {
         let channel = Self::bring_up(interface, config)?;
         channel.enable_and_start()?;

@@ -1,4 +1,4 @@
-//! Simulator settings: the undocumented KMCL behaviours (kmcl-reference §7) as switches, resource
+//! Simulator settings: the undocumented KMCL behaviours (docs/kmcl-bindings.md, "Undocumented points") as switches, resource
 //! bounds, and the fault plan.
 
 use std::format;
@@ -121,7 +121,7 @@ impl FaultPlan {
     }
 }
 
-/// kmcl-reference §7.4: the channel state `VmbChannelSaveBegin` requires.
+/// docs/kmcl-bindings.md, "Undocumented points": the channel state `VmbChannelSaveBegin` requires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SaveRequires {
     /// Default (conservative): the channel must not be running (paused by `VmbChannelPause`, or
@@ -134,7 +134,7 @@ pub enum SaveRequires {
     AnyState,
 }
 
-/// kmcl-reference §7.6: incoming (guest → host) packets not yet completed at `VmbChannelSaveBegin`.
+/// docs/kmcl-bindings.md, "Undocumented points": incoming (guest → host) packets not yet completed at `VmbChannelSaveBegin`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum IncomingAtSave {
     /// Default: `VmbChannelSaveBegin` fails with `STATUS_INVALID_DEVICE_STATE` (no violation: the
@@ -146,7 +146,7 @@ pub enum IncomingAtSave {
     NotSaved,
 }
 
-/// kmcl-reference §7.4: when `VmbChannelRestoreFromBuffer` is accepted.
+/// docs/kmcl-bindings.md, "Undocumented points": when `VmbChannelRestoreFromBuffer` is accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum RestoreTiming {
     /// Default: on an initialised channel **before** `VmbChannelEnable`. Chosen because the
@@ -160,7 +160,7 @@ pub enum RestoreTiming {
     AfterEnable,
 }
 
-/// kmcl-reference §7.5: the `SaveBufSize` the restore callback receives.
+/// docs/kmcl-bindings.md, "Undocumented points": the `SaveBufSize` the restore callback receives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum RestoreSaveBufSize {
     /// Default: exactly the `BytesNeeded` the save callback reported.
@@ -173,7 +173,7 @@ pub enum RestoreSaveBufSize {
     PaddedWithZeros,
 }
 
-/// kmcl-reference §7.7: the completion routine and context pointer of a restored packet.
+/// docs/kmcl-bindings.md, "Undocumented points": the completion routine and context pointer of a restored packet.
 ///
 /// A restored packet never has the routine/pointer of the packet that was saved (function
 /// pointers and addresses cannot survive migration); the question is what the *new* packet
@@ -194,7 +194,7 @@ pub enum RestoredPacketContext {
     ResetRoutineKeepPointer,
 }
 
-/// kmcl-reference §0.1: what `VmbChannelDisable` does to packets restored into a channel that was
+/// docs/kmcl-bindings.md, "Undocumented points": what `VmbChannelDisable` does to packets restored into a channel that was
 /// never enabled (a restore that failed, or a restored channel torn down before Enable).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DisableRestored {
@@ -209,7 +209,7 @@ pub enum DisableRestored {
     Never,
 }
 
-/// kmcl-reference §0.1: what `VmbChannelPause` waits for before it returns.
+/// docs/kmcl-bindings.md, "Undocumented points": what `VmbChannelPause` waits for before it returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum PauseWaits {
     /// Default (the header's state model): the suspend callback ran and no incoming packet is
@@ -222,7 +222,7 @@ pub enum PauseWaits {
     IncomingAndOutgoing,
 }
 
-/// kmcl-reference §0.1: whether `VmbPacketSend` runs concurrently with `EvtChannelSuspend`.
+/// docs/kmcl-bindings.md, "Undocumented points": whether `VmbPacketSend` runs concurrently with `EvtChannelSuspend`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SendVsSuspend {
     /// Default: a send may run while the suspend callback runs (one send per thread may cross it;
@@ -235,7 +235,7 @@ pub enum SendVsSuspend {
     Serialized,
 }
 
-/// kmcl-reference §0.1: whether packet completions run while the channel is paused.
+/// docs/kmcl-bindings.md, "Undocumented points": whether packet completions run while the channel is paused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum CompletionsWhilePaused {
     /// Default: guest completions wait in the ring until the channel runs again.
@@ -246,7 +246,7 @@ pub enum CompletionsWhilePaused {
     Delivered,
 }
 
-/// kmcl-reference §0.1: what `VmbChannelPacketFail` does.
+/// docs/kmcl-bindings.md, "Undocumented points": what `VmbChannelPacketFail` does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum PacketFailReading {
     /// Default: the incoming packet is retired (as if completed) and the incoming queue stops.

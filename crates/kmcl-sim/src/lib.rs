@@ -7,7 +7,7 @@
 //!   is the `ParentDeviceObject` for `VmbChannelAllocate`.
 //! * [`Guest`] is the other end of a channel — and the VM's memory, so it can be migrated between
 //!   simulator instances.
-//! * [`SimConfig`] holds the undocumented behaviours (kmcl-reference §7) as settings, bounds, and a
+//! * [`SimConfig`] holds the undocumented behaviours (docs/kmcl-bindings.md, "Undocumented points") as settings, bounds, and a
 //!   [`FaultPlan`].
 //! * The verifier records every contract violation as a [`Violation`]; a test ends with
 //!   [`Kmcl::assert_no_violations`] (or [`Kmcl::finish`]).

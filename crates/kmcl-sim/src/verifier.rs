@@ -7,8 +7,7 @@ use std::vec::Vec;
 
 use super::config::KmclCall;
 
-/// What rule a driver broke (each kind cites the kmcl-reference section it enforces in
-/// `docs/simulator.md`).
+/// What rule a driver broke (`docs/simulator.md` names the rule each kind enforces).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ViolationKind {
     /// A handle (channel, packet, completion, interface context, device object) that this

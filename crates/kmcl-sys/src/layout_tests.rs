@@ -5,7 +5,7 @@ use core::mem::{align_of, offset_of, size_of};
 
 use crate::*;
 
-/// Every client V1 slot with its documented x64 offset (kmcl-reference §1.3).
+/// Every client V1 slot with its documented x64 offset (docs/kmcl-bindings.md §R1).
 const CLIENT_OFFSETS: [(usize, usize); 41] = [
     (
         offset_of!(KMCL_CLIENT_INTERFACE_V1, VmbChannelAllocate),

@@ -27,7 +27,7 @@ pub struct SavePacketAnswer {
     pub bytes_needed: u32,
 }
 
-/// Everything KMCL can call on a server channel. IRQLs are KMCL's (kmcl-reference §3).
+/// Everything KMCL can call on a server channel. IRQLs are KMCL's (docs/kmcl-bindings.md §R3).
 ///
 /// Implementations must not panic: in the driver a panic is a bugcheck, and a panic cannot
 /// unwind through KMCL's frames anyway.

@@ -13,6 +13,7 @@
 //! The end-to-end tests, the `live_migration` example (the main job) and the benches use it.
 #![forbid(unsafe_code)]
 
+pub mod fixtures;
 pub mod guest;
 pub mod ledger;
 pub mod migration;

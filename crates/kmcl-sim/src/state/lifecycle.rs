@@ -91,7 +91,7 @@ impl Shared {
                 ViolationKind::WrongState,
                 Some(call),
                 format!(
-                    "channel is {lifecycle:?}; it must be disabled first (kmcl-reference §2.1)"
+                    "channel is {lifecycle:?}; it must be disabled first (docs/kmcl-bindings.md §R2)"
                 ),
             );
             return;
@@ -229,7 +229,7 @@ impl Shared {
             Lifecycle::Disabled => {
                 // Never enabled (or already disabled): packets restored into it are still in
                 // flight and are cancelled like those of a running channel.
-                // What happens to them is undocumented (kmcl-reference §0.1): one reading each.
+                // What happens to them is undocumented (docs/kmcl-bindings.md, "Undocumented points"): one reading each.
                 if c.in_flight.is_empty() && c.host_queue.is_empty() {
                     return;
                 }
@@ -278,7 +278,7 @@ impl Shared {
             st.violation(
                 ViolationKind::CalledFromCallback,
                 Some(call),
-                "VmbChannelStart inside a state-change callback (kmcl-reference §2.1)",
+                "VmbChannelStart inside a state-change callback (docs/kmcl-bindings.md §R2)",
             );
             return;
         }

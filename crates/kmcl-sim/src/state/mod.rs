@@ -347,7 +347,7 @@ impl State {
             self.violation(
                 ViolationKind::CalledFromCallback,
                 Some(call),
-                "called from inside a state-change callback (kmcl-reference §2.1, §5.7)",
+                "called from inside a state-change callback (docs/kmcl-bindings.md §R2)",
             );
             return false;
         }

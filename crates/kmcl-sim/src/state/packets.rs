@@ -188,7 +188,7 @@ impl Shared {
                 ViolationKind::PacketModifiedInFlight,
                 Some(call),
                 "completion routine changed while the library owns the packet (set it before \
-                 VmbPacketSend / VmbPacketRestore; kmcl-reference §3.3, §7.7)",
+                 VmbPacketSend / VmbPacketRestore; docs/kmcl-bindings.md §R4 and its undocumented points)",
             );
             return;
         }

@@ -288,7 +288,7 @@ impl Shared {
         }
     }
 
-    /// The two-call save-packet protocol (kmcl-reference §3.3). Runs without the lock.
+    /// The two-call save-packet protocol (docs/kmcl-bindings.md §R4). Runs without the lock.
     fn save_packet_protocol(
         &self,
         cb: PFN_VMB_CHANNEL_SAVE_PACKET,

@@ -133,7 +133,7 @@ client {
             let name = read_unicode(name);
             shared.init_call(seq, call, |c, found| match name {
                 // The header (19041 and later): a second call returns STATUS_INVALID_PARAMETER_2
-                // (kmcl-reference §0.1).
+                // (docs/kmcl-bindings.md, "Undocumented points").
                 Ok(_) if c.friendly_name_set => {
                     found.push((
                         ViolationKind::InvalidArgument,

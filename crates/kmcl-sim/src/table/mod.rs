@@ -145,13 +145,13 @@ fn client_only(shared: &Shared, call: KmclCall) {
     shared.unmodelled(
         call,
         ViolationKind::ClientOnly,
-        "client-only call on a server channel (kmcl-reference §2.2)",
+        "client-only call on a server channel (docs/kmcl-bindings.md §R2)",
     );
 }
 
 /// Why the simulator refuses a slot outright.
 enum Refusal {
-    /// A client-only call made on a server channel (docs/kmcl-bindings.md, "Client-only calls").
+    /// A client-only call made on a server channel (docs/kmcl-bindings.md §R2).
     ClientOnly,
     /// A feature the simulator does not model (named).
     Unmodelled(&'static str),
@@ -286,8 +286,7 @@ macro_rules! kmcl_entry_points {
             |$s_var:ident| $s_body:expr;
         )* }
     ) => {
-        /// Every slot of `KMCL_SERVER_INTERFACE_V1`, in table order (docs/kmcl-bindings.md, "The
-        /// interface tables").
+        /// Every slot of `KMCL_SERVER_INTERFACE_V1`, in table order (docs/kmcl-bindings.md §R1).
         ///
         /// Used to count calls per kind, to aim faults at the k-th call of a kind, and to name the
         /// call a [`Violation`](crate::Violation) was recorded in.
