@@ -13,7 +13,7 @@ use vmbsrv::saved::stream::{FrameKind, FrameReader, FrameWriter, frame_len};
 use vmbsrv::vsp::protocol::{self, Header, Kind};
 use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, RestoreProgress, VspChannel};
 use vmbsrv_testkit::GuestModel;
-use vmbsrv_testkit::fixtures::split_stream;
+use vmbsrv_testkit::fixtures::{drain_all as drain, split_stream};
 use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
     restore_channel, save_channel,
@@ -48,17 +48,6 @@ fn post(channel: &VspChannel<'_, Lock>, tag: u64) -> u64 {
             trace_id: None,
         })
         .unwrap()
-}
-
-fn drain(channel: &VspChannel<'_, Lock>) -> Vec<Outcome> {
-    let mut out = [Outcome {
-        sequence: 0,
-        tag: 0,
-        kind: OutcomeKind::Acked,
-        attempts: 0,
-    }; 64];
-    let count = channel.drain_outcomes(&mut out);
-    out[..count].to_vec()
 }
 
 fn join(record: &[u8], chunks: &[Vec<u8>]) -> Vec<u8> {
