@@ -10,11 +10,11 @@
 //! |---------|-------------|------------------|--------------|
 //! | any     | not Windows | any              | nothing WDK-related (the Linux build and tests) |
 //! | Windows | Windows     | on               | wdk-build binary configuration: kernel link arguments and the `driver_model__driver_type` cfg |
-//! | Windows | Windows     | off              | nothing WDK-related (e.g. host tests with `--no-default-features --features sim`) |
+//! | Windows | Windows     | off              | nothing WDK-related (e.g. host tests with `--workspace --no-default-features`) |
 //! | other   | Windows     | on, `VMBSRV_WINDOWS_CHECK=1` | type-check mode of `scripts/check-windows.sh`: the `driver_model__driver_type="KMDF"` cfg that wdk-build would emit, no link configuration (a check never links) |
 //! | other   | Windows     | otherwise        | a `cargo::warning` only; never fails here |
 //!
-//! The KMCL identifiers are constants in `src/kmcl/raw.rs` (public header values,
+//! The KMCL identifiers are constants in `crates/kmcl-sys/src/raw.rs` (public header values,
 //! docs/kmcl-bindings.md), so no build reads a header.
 
 use std::env;

@@ -23,16 +23,16 @@ use std::time::{Duration, Instant};
 
 use common::{Recorder, ns, print_machine_line, quick, ratio};
 use criterion::{SamplingMode, Throughput};
+use kmcl_sim::{Guest, Kmcl};
 use vmbsrv::saved::DeliveryRecord;
-use vmbsrv::scenario::GuestModel;
-use vmbsrv::scenario::MigrationConfig;
-use vmbsrv::scenario::migration::{
+use vmbsrv::vsp::save_protocol::answer_save_call;
+use vmbsrv::vsp::{PostRequest, VspChannel};
+use vmbsrv_testkit::GuestModel;
+use vmbsrv_testkit::MigrationConfig;
+use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
     restore_channel, save_channel,
 };
-use vmbsrv::sim::{Guest, Kmcl};
-use vmbsrv::vsp::save_protocol::answer_save_call;
-use vmbsrv::vsp::{PostRequest, VspChannel};
 
 const PAYLOAD_LEN: usize = 64;
 const MAX_MESSAGE_LEN: u32 = 256;

@@ -1,7 +1,7 @@
 //! The main job: a simulated live migration of a busy vmbsrv channel, with a readable report.
 //!
 //! ```sh
-//! cargo run --release --features sim --example live_migration -- --help
+//! cargo run --release --example live_migration -- --help
 //! ```
 //!
 //! A channel carries thousands of messages while the guest acknowledges out of order; the channel
@@ -15,7 +15,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use vmbsrv::scenario::{Cut, MigrationConfig, MigrationReport, run_live_migration};
+use vmbsrv_testkit::{Cut, MigrationConfig, MigrationReport, run_live_migration};
 
 const USAGE: &str = "\
 usage: live_migration [options]

@@ -1,4 +1,4 @@
-//! Prints combinations of the simulator's KMCL readings (`vmbsrv::sim::READINGS`), one
+//! Prints combinations of the simulator's KMCL readings (`kmcl_sim::READINGS`), one
 //! `VMBSRV_SIM_READINGS` specification per line, for `scripts/readings-matrix.sh`.
 //!
 //! * `--pairwise` (default): a covering array — every pair of readings of any two points appears
@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 
-use vmbsrv::sim::READINGS;
+use kmcl_sim::READINGS;
 
 /// One combination: the index of the chosen reading of each point.
 type Row = Vec<usize>;

@@ -200,7 +200,7 @@ if [ -f "$header" ]; then
   log=$work/kmcl-header.log
   if env -u VMBSRV_WINDOWS_CHECK VMBSRV_KMCL_HEADER="$header" \
       cargo test --all-features --test kmcl_header_crosscheck -- --nocapture >"$log" 2>&1; then
-    echo "KMCL header cross-check: ok ($(grep -m1 -o '[0-9]* GUIDs and [0-9]* macros' "$log" || echo 'see log') match src/kmcl/raw.rs)"
+    echo "KMCL header cross-check: ok ($(grep -m1 -o '[0-9]* GUIDs and [0-9]* macros' "$log" || echo 'see log') match crates/kmcl-sys/src/raw.rs)"
   else
     echo "KMCL header cross-check: FAILED; log $log"
     first_errors "$log"

@@ -39,7 +39,7 @@ fi
 started=$(date +%s)
 echo "== seeding corpora"
 fuzz/seed-corpus.sh || exit 2
-cargo test --quiet --features sim --test reliability_fuzz_seeds -- --ignored --nocapture \
+cargo test --quiet --test reliability_fuzz_seeds -- --ignored --nocapture \
     || { echo "seed generation failed" >&2; exit 2; }
 
 echo "== building ${#targets[@]} target(s)"

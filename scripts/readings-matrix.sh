@@ -33,7 +33,7 @@ suites=(e2e_migration e2e_faults exactly_once_hardening control_e2e alloc_free_s
 test_args=()
 for s in "${suites[@]}"; do test_args+=(--test "$s"); done
 
-rows=$(cargo run -q --features sim --example readings_matrix -- "$mode") || exit 1
+rows=$(cargo run -q --example readings_matrix -- "$mode") || exit 1
 if $list; then
   echo "$rows"
   exit 0
@@ -44,7 +44,7 @@ mkdir -p "$out"
 echo "building the suites and the main job once ..."
 cargo test -q --all-features --no-run "${test_args[@]}" >"$out/build.log" 2>&1 || {
   tail -20 "$out/build.log"; exit 1; }
-cargo build -q --release --features sim --example live_migration >>"$out/build.log" 2>&1 || {
+cargo build -q --release --example live_migration >>"$out/build.log" 2>&1 || {
   tail -20 "$out/build.log"; exit 1; }
 
 failed=0

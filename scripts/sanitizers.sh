@@ -69,7 +69,7 @@ asan() {
     # The simulator suites end to end (and the control interface over it), plus the reliability
     # suites; each is a separate test binary, so LeakSanitizer checks each process at exit.
     local tests=()
-    for f in tests/e2e_*.rs tests/sim_*.rs tests/control_e2e.rs tests/reliability_*.rs; do
+    for f in tests/e2e_*.rs crates/kmcl-sim/tests/sim_*.rs tests/control_e2e.rs tests/reliability_*.rs; do
         case "$f" in
         tests/reliability_canary.rs | tests/reliability_fuzz_seeds.rs) ;;
         *) tests+=(--test "$(basename "$f" .rs)") ;;
@@ -79,7 +79,7 @@ asan() {
     # combined with a rebuilt std in a test build, so this build unwinds (tests do anyway).
     local cargo_asan=(env RUSTFLAGS="-Zsanitizer=address" RUSTDOCFLAGS="-Zsanitizer=address"
         ASAN_OPTIONS="detect_leaks=1:detect_stack_use_after_return=1:strict_string_checks=1"
-        cargo +nightly test -Zbuild-std --target "$host" --features sim
+        cargo +nightly test -Zbuild-std --target "$host" --workspace
         --target-dir target/sanitizers --config 'profile.dev.panic="unwind"')
     if ! run_logged asan-build "${cargo_asan[@]}" "${tests[@]}" --test reliability_canary --no-run; then
         note "asan: FAILED to build (see $logs/asan-build.log)"
@@ -139,10 +139,10 @@ miri() {
     # container, any post) is therefore left to step (2).
     local t1
     t1=$(date +%s)
-    if run_logged miri-x86_64-units env MIRIFLAGS="$flags" cargo +nightly miri test --features sim \
+    if run_logged miri-x86_64-units env MIRIFLAGS="$flags" cargo +nightly miri test --workspace \
         --target-dir target/miri --lib -- "${proptests[@]}" \
-        --skip hwcrc --skip saved:: --skip sim::container --skip vsp::save_protocol; then
-        note "miri: x86_64 unit tests OK — $(grep -oE '[0-9]+ passed' "$logs/miri-x86_64-units.log" | tail -1) (kmcl layouts/status, vsp table/protocol/control, sim handles/IRQL/lock/table, fallible) ($(elapsed "$t1"))"
+        --skip hwcrc --skip saved:: --skip container:: --skip vsp::save_protocol; then
+        note "miri: x86_64 unit tests OK — $(grep -oE '[0-9]+ passed' "$logs/miri-x86_64-units.log" | tail -1) (kmcl-sys layouts/status, kmcl, vsp table/protocol/control, kmcl-sim handles/IRQL/lock/table, fallible) ($(elapsed "$t1"))"
     else
         note "miri: FINDING in x86_64 unit tests — see $logs/miri-x86_64-units.log"
         failed=1
@@ -153,11 +153,11 @@ miri() {
     # pulls `alloca`, whose build script compiles C for the target; Miri never links it, so the
     # host compiler stands in for the missing cross compiler.
     local arm_env=(CC_aarch64_unknown_linux_gnu="${CC:-cc}" AR_aarch64_unknown_linux_gnu="${AR:-ar}")
-    local arm=(cargo +nightly miri test --features sim --target aarch64-unknown-linux-gnu
+    local arm=(cargo +nightly miri test --target aarch64-unknown-linux-gnu
         --target-dir target/miri)
     t1=$(date +%s)
     if run_logged miri-aarch64-units env MIRIFLAGS="$flags" "${arm_env[@]}" "${arm[@]}" \
-        --lib -- "${proptests[@]}"; then
+        --workspace --lib -- "${proptests[@]}"; then
         note "miri: aarch64 unit tests OK — $(grep -oE '[0-9]+ passed' "$logs/miri-aarch64-units.log" | tail -1) ($(elapsed "$t1"))"
     else
         note "miri: FINDING in aarch64 unit tests — see $logs/miri-aarch64-units.log"

@@ -1,50 +1,44 @@
 //! vmbsrv: a Hyper-V host VMBus server (VSP) written as a KMDF driver.
 //!
-//! The crate is laid out by concern, and data flows one way:
+//! This crate is the driver: the service, its saved-state format, its control interface and the
+//! KMDF glue. The KMCL bindings it is built on are crates of their own, usable by any Rust VSP,
+//! and so is the user-mode KMCL simulator its tests run against. Data flows one way:
 //!
 //! ```text
-//! driver (Windows, KMDF glue) ─┐
-//!                              ├─> kmcl (FFI boundary) ─> vsp (the service) ─> saved (durable format)
-//! sim (user-mode KMCL, tests) ─┘
+//! driver (Windows, KMDF glue) ───┐
+//!                                ├─> kmcl (safe KMCL) ─> vsp (the service) ─> saved (durable format)
+//! kmcl-sim (user-mode KMCL,      │      └─ kmcl-sys (raw KMCL ABI)
+//!           tests only) ─────────┘
 //! ```
 //!
-//! * [`kmcl`] — the VMBus Kernel Mode Client Library boundary: hand-written `#[repr(C)]` tables,
-//!   thin safe wrappers, and the `extern` callback trampolines. With `driver`, `sim` and the one
-//!   intrinsic call in [`hwcrc`] (the CPU's CRC32C instruction), the only place that holds
-//!   `unsafe`.
+//! * [`kmcl`] — the `kmcl` crate, re-exported: the validated server interface, thin safe
+//!   wrappers and the `extern` callback trampolines; [`kmcl::raw`] is the `kmcl-sys` crate.
 //! * [`saved`] — the saved-state record format: pure, allocation-free on encode, no KMCL.
 //! * [`vsp`] — the service: guest protocol, delivery table, save/restore callbacks, control requests.
-//! * [`fallible`] — allocation that reports failure instead of aborting (a bugcheck in a driver).
+//! * [`fallible`] — allocation that reports failure instead of aborting (from `kmcl`).
+//! * [`hwcrc`] — the CPU's CRC32C instruction, with a portable fallback.
 //! * `driver` — KMDF glue, compiled only for Windows targets with the `driver` feature.
-//! * `sim` — a user-mode KMCL implementing the same function table (feature `sim`).
-//! * `scenario` — end-to-end scenarios over the simulator: a guest model and the exactly-once
-//!   ledger (feature `sim`).
+//!
+//! The simulator (`kmcl-sim`) and the end-to-end scenarios (`vmbsrv-testkit`) are
+//! dev-dependencies: nothing of them is in this crate or in a driver build.
 //!
 //! The whole crate is `no_std` + `alloc` on every target, so the code that runs in the kernel is
 //! the code the Linux tests run. Outside the Windows driver build, `std` is linked — never
-//! imported by the kernel modules — only to give the `cdylib` a panic handler and an allocator,
-//! and for the simulator.
+//! imported by the kernel modules — only to give the `cdylib` a panic handler and an allocator.
 #![no_std]
+// UNSAFETY: the KMDF glue (`driver`, Windows only) calls WDF and the kernel through FFI, and
+// [`hwcrc`] calls the CPU's CRC32C intrinsic. `vsp` and `saved` forbid unsafe code.
+#![allow(unsafe_code)]
 
 extern crate alloc;
-#[cfg(any(
-    not(all(target_os = "windows", feature = "driver")),
-    test,
-    feature = "std"
-))]
+#[cfg(any(not(all(target_os = "windows", feature = "driver")), test))]
 extern crate std;
 
-pub mod fallible;
+pub use kmcl;
+pub use kmcl::fallible;
 pub mod hwcrc;
-pub mod kmcl;
 pub mod saved;
 pub mod vsp;
 
 #[cfg(all(target_os = "windows", feature = "driver"))]
 mod driver;
-
-#[cfg(feature = "sim")]
-pub mod sim;
-
-#[cfg(feature = "sim")]
-pub mod scenario;

@@ -6,22 +6,21 @@
 //! end them a second time. Tests named `withstands_...` are attacks the design survived, kept so
 //! that the list of what was tried stays visible. Findings left open are listed in
 //! docs/reliability.md §8.
-#![cfg(feature = "sim")]
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use kmcl_sim::{FaultPlan, Guest, Kmcl, SimConfig};
 use vmbsrv::kmcl::NtStatus;
-use vmbsrv::saved::stream::{FrameKind, FrameReader};
-use vmbsrv::scenario::migration::{
+use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, RestoreProgress, VspChannel};
+use vmbsrv_testkit::fixtures::{drain_all as drain, split_stream};
+use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
     restore_channel, save_channel,
 };
-use vmbsrv::scenario::{GuestModel, Ledger};
-use vmbsrv::sim::{FaultPlan, Guest, Kmcl, SimConfig};
-use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, RestoreProgress, VspChannel};
+use vmbsrv_testkit::{GuestModel, Ledger};
 
 const MAX_LEN: u32 = 64;
 
@@ -55,37 +54,6 @@ fn post(channel: &VspChannel<'_, Lock>, tag: u64) -> Result<u64, NtStatus> {
         posted_at: 0,
         trace_id: None,
     })
-}
-
-fn drain(channel: &VspChannel<'_, Lock>) -> Vec<Outcome> {
-    let mut all = Vec::new();
-    loop {
-        let mut out = [Outcome {
-            sequence: 0,
-            tag: 0,
-            kind: OutcomeKind::Acked,
-            attempts: 0,
-        }; 64];
-        let count = channel.drain_outcomes(&mut out);
-        if count == 0 {
-            return all;
-        }
-        all.extend_from_slice(&out[..count]);
-    }
-}
-
-/// The frames of a save stream: the channel record and the KMCL chunks.
-fn split(stream: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
-    let mut record = Vec::new();
-    let mut chunks = Vec::new();
-    for frame in FrameReader::new(stream).unwrap() {
-        let frame = frame.unwrap();
-        match frame.kind {
-            FrameKind::ChannelRecord => record = frame.payload.to_vec(),
-            FrameKind::KmclChunk => chunks.push(frame.payload.to_vec()),
-        }
-    }
-    (record, chunks)
 }
 
 /// A source channel with `count` deliveries that the guest has read but not acknowledged; saved
@@ -276,7 +244,7 @@ fn disabling_a_saved_channel_leaves_a_restorable_blob_whose_deliveries_end_twice
 #[test]
 fn withstands_calls_in_the_wrong_order() {
     let (stream, _guest) = migrate_out(3);
-    let (record, chunks) = split(&stream);
+    let (record, chunks) = split_stream(&stream);
     let kmcl = Kmcl::new(SimConfig::default());
     {
         let interface = query_server_interface(&kmcl).unwrap();
@@ -500,7 +468,7 @@ fn withstands_failed_restore_teardown_under_every_disable_reading() {
                         &channel_config(&kmcl, 16, MAX_LEN),
                     )
                     .unwrap();
-                    let (record, chunks) = split(&stream);
+                    let (record, chunks) = split_stream(&stream);
                     channel.restore_channel_record(&record).unwrap();
                     for chunk in &chunks {
                         channel.restore_chunk(chunk).unwrap();
@@ -527,7 +495,7 @@ fn withstands_failed_restore_teardown_under_every_disable_reading() {
 #[test]
 fn withstands_teardown_at_every_phase() {
     let (stream, _guest) = migrate_out(3);
-    let (record, chunks) = split(&stream);
+    let (record, chunks) = split_stream(&stream);
     for cut in 0..6 {
         let kmcl = Kmcl::new(SimConfig::default());
         {
@@ -579,15 +547,15 @@ fn withstands_teardown_at_every_phase() {
 /// violation.
 #[test]
 fn withstands_live_migration_under_each_other_reading() {
-    for (point, readings) in vmbsrv::sim::READINGS {
+    for (point, readings) in kmcl_sim::READINGS {
         for reading in &readings[1..] {
             if *point == "pause_waits" {
                 continue;
             }
             let spec = format!("{point}={reading}");
-            let mut config = vmbsrv::scenario::MigrationConfig::new(300, 7);
+            let mut config = vmbsrv_testkit::MigrationConfig::new(300, 7);
             config.sim.apply_readings(&spec).unwrap();
-            let report = vmbsrv::scenario::run_live_migration(&config).unwrap();
+            let report = vmbsrv_testkit::run_live_migration(&config).unwrap();
             assert!(report.verdict.is_clean(), "{spec}: {:?}", report.verdict);
             assert_eq!(report.verdict.delivered, 300, "{spec}");
             assert!(

@@ -28,22 +28,23 @@
 //! exactly one allocation per restore: `verify_restored`'s scratch vector for the duplicate
 //! check (one `u64` per restored delivery), made once after the last chunk. Allocations the
 //! simulator makes on KMCL's behalf (its save buffers, packet objects) are reported, not judged.
-#![cfg(feature = "sim")]
+// UNSAFETY: this test drives the KMCL ABI directly (raw table calls and `extern` callbacks).
+#![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::backtrace::Backtrace;
 use std::cell::{Cell, RefCell};
 
+use kmcl_sim::{Guest, Kmcl};
 use vmbsrv::kmcl::NtStatus;
 use vmbsrv::saved::{DeliveryRecord, RestoreError, crc32c};
-use vmbsrv::scenario::GuestModel;
-use vmbsrv::scenario::MigrationConfig;
-use vmbsrv::scenario::migration::{
-    Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
-};
-use vmbsrv::sim::{Guest, Kmcl};
 use vmbsrv::vsp::save_protocol::{answer_save_call, restore_status};
 use vmbsrv::vsp::{DeliveryTable, PostRequest, RestoreProgress, VspChannel};
+use vmbsrv_testkit::GuestModel;
+use vmbsrv_testkit::MigrationConfig;
+use vmbsrv_testkit::migration::{
+    Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
+};
 
 // ---- the counting allocator ---------------------------------------------------------------------
 
@@ -118,7 +119,7 @@ fn count<R>(body: impl FnOnce() -> R) -> (R, u64) {
 /// Who made an allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Owner {
-    /// The driver's own code: `vsp`, `saved`, `kmcl`, `hwcrc`, `fallible`.
+    /// Code the driver links: `vmbsrv::{vsp, saved, hwcrc}`, `kmcl` (with `fallible`), `kmcl_sys`.
     Driver,
     /// The simulator, i.e. KMCL's side of the interface.
     Simulator,
@@ -153,16 +154,26 @@ fn symbols(trace: &Backtrace) -> Vec<String> {
         .collect()
 }
 
-/// The module of `vmbsrv` a symbol belongs to, if it is one of the crate's.
-fn vmbsrv_module(symbol: &str) -> Option<&str> {
+/// Who a symbol belongs to, if it is one of the workspace's: the simulator (`kmcl_sim`) or code
+/// the driver links (`kmcl`, `kmcl_sys`, and `vmbsrv`'s own modules).
+fn owner_of(symbol: &str) -> Option<Owner> {
     let path = symbol.strip_prefix('<').unwrap_or(symbol);
-    path.strip_prefix("vmbsrv::")?.split("::").next()
+    let mut segments = path.split("::");
+    match segments.next()? {
+        "kmcl_sim" => Some(Owner::Simulator),
+        "kmcl" | "kmcl_sys" => Some(Owner::Driver),
+        "vmbsrv" => match segments.next()? {
+            "vsp" | "saved" | "hwcrc" => Some(Owner::Driver),
+            _ => Some(Owner::Other),
+        },
+        _ => None,
+    }
 }
 
 fn attribute(trace: &Backtrace) -> Site {
     let stack: Vec<String> = symbols(trace)
         .into_iter()
-        .filter(|s| vmbsrv_module(s).is_some())
+        .filter(|s| owner_of(s).is_some())
         .collect();
     let in_callback = stack
         .iter()
@@ -170,11 +181,7 @@ fn attribute(trace: &Backtrace) -> Site {
     let (owner, frame) = match stack.first() {
         None => (Owner::Other, String::new()),
         Some(innermost) => {
-            let owner = match vmbsrv_module(innermost) {
-                Some("sim") => Owner::Simulator,
-                Some("vsp" | "saved" | "kmcl" | "hwcrc" | "fallible") => Owner::Driver,
-                _ => Owner::Other,
-            };
+            let owner = owner_of(innermost).unwrap_or(Owner::Other);
             (owner, innermost.clone())
         }
     };

@@ -1,22 +1,23 @@
 //! The control interface end to end: IOCTL bytes in, IOCTL bytes out, over the KMCL simulator
 //! and a guest that speaks the vmbsrv protocol.
-#![cfg(feature = "sim")]
+// UNSAFETY: this test drives the KMCL ABI directly (raw table calls and `extern` callbacks).
+#![allow(unsafe_code)]
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use kmcl_sim::{Guest, Kmcl, KmclCall, SimConfig, SimSpinLock};
 use vmbsrv::kmcl::{NtStatus, ParentDevice, Result, ServerInterface, VmbusHandle};
 use vmbsrv::saved::ChannelRecord;
 use vmbsrv::saved::stream::{FrameKind, FrameReader, FrameWriter, frame_len};
-use vmbsrv::scenario::migration::{
-    SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, query_server_interface,
-};
-use vmbsrv::scenario::{GuestModel, Ledger, Posted};
-use vmbsrv::sim::{Guest, Kmcl, KmclCall, SimConfig, SimSpinLock};
 use vmbsrv::vsp::control::wire::{self, *};
 use vmbsrv::vsp::control::*;
 use vmbsrv::vsp::{DeliveryTable, Outcome, OutcomeKind};
+use vmbsrv_testkit::migration::{
+    SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, query_server_interface,
+};
+use vmbsrv_testkit::{GuestModel, Ledger, Posted};
 use zerocopy::{FromBytes, IntoBytes};
 
 /// The simulator's spin-lock model, for the delivery tables and for the registry's own table.
@@ -906,7 +907,7 @@ fn a_garbled_guest_packet_is_answered_and_never_stops_the_queue() {
     assert_eq!(stats.guest_garbled.get(), 1);
     assert!(matches!(
         guest.endpoint.take_reply(garbled),
-        Some(vmbsrv::sim::Reply::Completed(_))
+        Some(kmcl_sim::Reply::Completed(_))
     ));
     // RestartIncoming is still accepted (a pause and a start) for clients of the first interface.
 

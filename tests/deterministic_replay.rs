@@ -1,10 +1,9 @@
 //! Runs replay: the main job (the scenario behind `examples/live_migration.rs`, smaller) on
 //! deterministic simulators gives the same report twice from one seed, timings aside
 //! (docs/simulator.md, "Deterministic mode"; issue 11, "Independent evidence").
-#![cfg(feature = "sim")]
 
-use vmbsrv::scenario::{MigrationConfig, MigrationReport, run_live_migration};
-use vmbsrv::sim::Schedule;
+use kmcl_sim::Schedule;
+use vmbsrv_testkit::{MigrationConfig, MigrationReport, run_live_migration};
 
 /// The main job's settings (examples/live_migration.rs), scaled down for a test.
 fn main_job(seed: u64) -> MigrationConfig {

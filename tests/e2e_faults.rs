@@ -1,19 +1,18 @@
 //! End-to-end failure paths: tampered and corrupted saved state, allocation and KMCL call
 //! failures, malformed guest packets. Each must end in a precise NTSTATUS, with no leaked packet or
 //! channel and no KMCL contract violation.
-#![cfg(feature = "sim")]
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use kmcl_sim::{FaultPlan, Guest, Kmcl, KmclCall, Reply, SimConfig};
 use vmbsrv::kmcl::{NtStatus, ServerInterface};
-use vmbsrv::saved::stream::{FrameKind, FrameReader};
-use vmbsrv::scenario::migration::{Lock, channel_config, query_server_interface, save_channel};
-use vmbsrv::scenario::{GuestModel, Ledger, MigrationConfig, Posted};
-use vmbsrv::sim::{FaultPlan, Guest, Kmcl, KmclCall, Reply, SimConfig};
 use vmbsrv::vsp::protocol::{self, Header, Kind, NegotiateRequest};
 use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, RestoreProgress, VspChannel};
+use vmbsrv_testkit::fixtures::split_stream;
+use vmbsrv_testkit::migration::{Lock, channel_config, query_server_interface, save_channel};
+use vmbsrv_testkit::{GuestModel, Ledger, MigrationConfig, Posted};
 use zerocopy::IntoBytes;
 
 const IN_FLIGHT: u32 = 24;
@@ -34,8 +33,8 @@ fn save_busy_channel(chunk_size: usize) -> Saved {
     let kmcl = Kmcl::new(sim());
     let interface = query_server_interface(&kmcl).unwrap();
     let guest = GuestModel::new(Guest::new(
-        vmbsrv::scenario::migration::SCENARIO_INTERFACE_TYPE,
-        vmbsrv::scenario::migration::SCENARIO_INSTANCE,
+        vmbsrv_testkit::migration::SCENARIO_INTERFACE_TYPE,
+        vmbsrv_testkit::migration::SCENARIO_INSTANCE,
     ));
     kmcl.attach_guest(&guest.endpoint).unwrap();
     let channel: VspChannel<'_, Lock> =
@@ -59,15 +58,7 @@ fn save_busy_channel(chunk_size: usize) -> Saved {
     drop(channel);
     drop(interface);
     assert_eq!(kmcl.finish(), Vec::new());
-    let mut record = Vec::new();
-    let mut chunks = Vec::new();
-    for frame in FrameReader::new(&stream).unwrap() {
-        let frame = frame.unwrap();
-        match frame.kind {
-            FrameKind::ChannelRecord => record = frame.payload.to_vec(),
-            FrameKind::KmclChunk => chunks.push(frame.payload.to_vec()),
-        }
-    }
+    let (record, chunks) = split_stream(&stream);
     Saved {
         record,
         chunks,
@@ -373,8 +364,8 @@ fn malformed_guest_packets_get_precise_answers_and_garbling_is_recovered() {
     {
         let interface = query_server_interface(&kmcl).unwrap();
         let guest = Guest::new(
-            vmbsrv::scenario::migration::SCENARIO_INTERFACE_TYPE,
-            vmbsrv::scenario::migration::SCENARIO_INSTANCE,
+            vmbsrv_testkit::migration::SCENARIO_INTERFACE_TYPE,
+            vmbsrv_testkit::migration::SCENARIO_INSTANCE,
         );
         kmcl.attach_guest(&guest).unwrap();
         let channel: VspChannel<'_, Lock> =
@@ -472,8 +463,8 @@ fn a_corrupted_payload_is_reported_as_corrupted() {
     {
         let interface = query_server_interface(&kmcl).unwrap();
         let mut guest = GuestModel::new(Guest::new(
-            vmbsrv::scenario::migration::SCENARIO_INTERFACE_TYPE,
-            vmbsrv::scenario::migration::SCENARIO_INSTANCE,
+            vmbsrv_testkit::migration::SCENARIO_INTERFACE_TYPE,
+            vmbsrv_testkit::migration::SCENARIO_INSTANCE,
         ));
         kmcl.attach_guest(&guest.endpoint).unwrap();
         let channel: VspChannel<'_, Lock> =
@@ -521,8 +512,8 @@ fn teardown_in_the_middle_of_a_save_ends_the_save_first() {
         {
             let interface = query_server_interface(&kmcl).unwrap();
             let guest = GuestModel::new(Guest::new(
-                vmbsrv::scenario::migration::SCENARIO_INTERFACE_TYPE,
-                vmbsrv::scenario::migration::SCENARIO_INSTANCE,
+                vmbsrv_testkit::migration::SCENARIO_INTERFACE_TYPE,
+                vmbsrv_testkit::migration::SCENARIO_INSTANCE,
             ));
             kmcl.attach_guest(&guest.endpoint).unwrap();
             let channel: VspChannel<'_, Lock> =

@@ -1,9 +1,8 @@
 //! End-to-end: the real VSP, through its real `extern` callbacks, saved on one simulator instance
 //! and restored on a new one that shares only the saved bytes (and the guest, which is the VM).
-#![cfg(feature = "sim")]
 
-use vmbsrv::scenario::{Cut, MigrationConfig, MigrationReport, run_live_migration};
-use vmbsrv::sim::{RestoreSaveBufSize, RestoredPacketContext, SaveRequires, Schedule, SimConfig};
+use kmcl_sim::{RestoreSaveBufSize, RestoredPacketContext, SaveRequires, Schedule, SimConfig};
+use vmbsrv_testkit::{Cut, MigrationConfig, MigrationReport, run_live_migration};
 
 fn run(config: &MigrationConfig) -> MigrationReport {
     let report =
@@ -193,14 +192,14 @@ mod random_schedules {
 }
 
 mod aborted {
+    use kmcl_sim::{Guest, Kmcl, Schedule, SimConfig};
     use vmbsrv::kmcl::NtStatus;
-    use vmbsrv::scenario::migration::{
+    use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, VspChannel};
+    use vmbsrv_testkit::migration::{
         Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
         restore_channel, save_channel,
     };
-    use vmbsrv::scenario::{GuestModel, Ledger, Posted, Rng};
-    use vmbsrv::sim::{Guest, Kmcl, Schedule, SimConfig};
-    use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, VspChannel};
+    use vmbsrv_testkit::{GuestModel, Ledger, Posted, Rng};
 
     fn drain(channel: &VspChannel<'_, Lock>, ledger: &mut Ledger) {
         let mut outcomes = [Outcome {
@@ -248,7 +247,7 @@ mod aborted {
     fn aborted_migrations(schedule: Schedule) {
         let sim = SimConfig {
             schedule,
-            ..vmbsrv::scenario::MigrationConfig::sim_for(32)
+            ..vmbsrv_testkit::MigrationConfig::sim_for(32)
         };
         let mut ledger = Ledger::new();
         let mut rng = Rng::new(42);

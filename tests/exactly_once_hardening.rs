@@ -2,22 +2,22 @@
 //! hardening"). Each test drives the product the way a careless or hostile control client, a
 //! forged saved-state file or an unlucky schedule would, and each failed on the main branch
 //! before the fix named in its comment.
-#![cfg(feature = "sim")]
 
 use std::sync::Mutex;
 use std::time::Duration;
 
+use kmcl_sim::{Guest, Kmcl, Reply, SimConfig};
 use vmbsrv::kmcl::NtStatus;
 use vmbsrv::saved::crc32c;
 use vmbsrv::saved::stream::{FrameKind, FrameReader, FrameWriter, frame_len};
-use vmbsrv::scenario::GuestModel;
-use vmbsrv::scenario::migration::{
+use vmbsrv::vsp::protocol::{self, Header, Kind};
+use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, RestoreProgress, VspChannel};
+use vmbsrv_testkit::GuestModel;
+use vmbsrv_testkit::fixtures::{drain_all as drain, split_stream};
+use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
     restore_channel, save_channel,
 };
-use vmbsrv::sim::{Guest, Kmcl, Reply, SimConfig};
-use vmbsrv::vsp::protocol::{self, Header, Kind};
-use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, RestoreProgress, VspChannel};
 use zerocopy::IntoBytes;
 
 const MAX_LEN: u32 = 64;
@@ -48,31 +48,6 @@ fn post(channel: &VspChannel<'_, Lock>, tag: u64) -> u64 {
             trace_id: None,
         })
         .unwrap()
-}
-
-fn drain(channel: &VspChannel<'_, Lock>) -> Vec<Outcome> {
-    let mut out = [Outcome {
-        sequence: 0,
-        tag: 0,
-        kind: OutcomeKind::Acked,
-        attempts: 0,
-    }; 64];
-    let count = channel.drain_outcomes(&mut out);
-    out[..count].to_vec()
-}
-
-/// The frames of a save stream: the channel record and the KMCL chunks.
-fn split(stream: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
-    let mut record = Vec::new();
-    let mut chunks = Vec::new();
-    for frame in FrameReader::new(stream).unwrap() {
-        let frame = frame.unwrap();
-        match frame.kind {
-            FrameKind::ChannelRecord => record = frame.payload.to_vec(),
-            FrameKind::KmclChunk => chunks.push(frame.payload.to_vec()),
-        }
-    }
-    (record, chunks)
 }
 
 fn join(record: &[u8], chunks: &[Vec<u8>]) -> Vec<u8> {
@@ -209,7 +184,7 @@ fn a_save_missing_its_last_chunk_cannot_complete_a_migration() {
         assert!(drain(&channel).is_empty(), "nothing ended");
         // Delivery continues here.
         channel.resume().unwrap();
-        let mut ledger = vmbsrv::scenario::Ledger::new();
+        let mut ledger = vmbsrv_testkit::Ledger::new();
         kmcl.wait_idle();
         guest.pump(&mut ledger);
         guest.acknowledge(usize::MAX, None);
@@ -316,7 +291,7 @@ fn a_record_paired_with_another_saves_chunks_is_refused() {
         let (first, _, _) = save_channel(&channel, 4096).unwrap();
         channel.resume().unwrap();
         // One more delivery and the oldest acknowledged: two remain in flight.
-        let mut ledger = vmbsrv::scenario::Ledger::new();
+        let mut ledger = vmbsrv_testkit::Ledger::new();
         post(&channel, 99);
         kmcl.wait_idle();
         guest.pump(&mut ledger);
@@ -330,8 +305,8 @@ fn a_record_paired_with_another_saves_chunks_is_refused() {
         (first, second)
     };
     assert_eq!(kmcl.finish(), Vec::new());
-    let (first_record, first_chunks) = split(&first);
-    let (second_record, second_chunks) = split(&second);
+    let (first_record, first_chunks) = split_stream(&first);
+    let (second_record, second_chunks) = split_stream(&second);
     for (record, chunks) in [
         (&first_record, &second_chunks),
         (&second_record, &first_chunks),
@@ -353,7 +328,7 @@ fn a_record_paired_with_another_saves_chunks_is_refused() {
 #[test]
 fn restored_deliveries_are_checked_against_the_saved_record() {
     let stream = migrated_stream(3, 4096);
-    let (record, chunks) = split(&stream);
+    let (record, chunks) = split_stream(&stream);
     let mut small_messages = record.clone();
     forge_u32(&mut small_messages, RECORD_MAX_MESSAGE_LEN, 1);
     let (result, _, _) =
@@ -444,7 +419,7 @@ fn restore_progress_is_complete_once() {
         let channel: VspChannel<'_, Lock> =
             VspChannel::create_for_restore(&interface, &channel_config(&kmcl, 16, MAX_LEN))
                 .unwrap();
-        let (record, chunks) = split(&stream);
+        let (record, chunks) = split_stream(&stream);
         channel.restore_channel_record(&record).unwrap();
         let mut last = RestoreProgress::NeedMore;
         for chunk in &chunks {
@@ -547,7 +522,7 @@ fn posts_racing_pauses_never_deadlock_when_sends_are_serialized() {
             let accepted = Mutex::new(0u64);
             std::thread::scope(|scope| {
                 scope.spawn(|| {
-                    let mut ledger = vmbsrv::scenario::ledger::Ledger::new();
+                    let mut ledger = vmbsrv_testkit::ledger::Ledger::new();
                     for tag in 0..400u64 {
                         let request = PostRequest {
                             tag,
@@ -618,7 +593,7 @@ fn restored_deliveries_complete_when_only_the_routine_was_reset() {
             restore_channel(&channel, &stream).unwrap();
             kmcl.attach_guest(&guest.endpoint).unwrap();
             kmcl.wait_idle();
-            let mut ledger = vmbsrv::scenario::ledger::Ledger::new();
+            let mut ledger = vmbsrv_testkit::ledger::Ledger::new();
             guest.pump(&mut ledger);
             guest.acknowledge(guest.held(), None);
             kmcl.wait_idle();
@@ -645,7 +620,7 @@ fn completions_delivered_while_paused_fail_the_save_not_the_delivery() {
     {
         let interface = query_server_interface(&kmcl).unwrap();
         let (channel, mut guest) = busy(&kmcl, &interface, 4);
-        let mut ledger = vmbsrv::scenario::ledger::Ledger::new();
+        let mut ledger = vmbsrv_testkit::ledger::Ledger::new();
         guest.pump(&mut ledger);
         channel.save_begin().unwrap();
         guest.acknowledge(2, None);
@@ -695,7 +670,7 @@ fn garbled_requests_never_reach_packet_fail_under_either_reading() {
             );
             channel.save_begin().unwrap();
             channel.resume().unwrap();
-            assert_eq!(kmcl.call_count(vmbsrv::sim::KmclCall::ChannelPacketFail), 0);
+            assert_eq!(kmcl.call_count(kmcl_sim::KmclCall::ChannelPacketFail), 0);
             channel.disable().unwrap();
             kmcl.wait_idle();
         }
@@ -716,7 +691,7 @@ fn the_friendly_name_is_set_once_per_channel() {
             drop(channel);
         }
         assert_eq!(
-            kmcl.call_count(vmbsrv::sim::KmclCall::ChannelInitSetFriendlyName),
+            kmcl.call_count(kmcl_sim::KmclCall::ChannelInitSetFriendlyName),
             3
         );
     }
@@ -728,9 +703,9 @@ fn the_friendly_name_is_set_once_per_channel() {
 /// handed over is only what never reached the ring).
 #[test]
 fn a_pause_that_waits_for_outgoing_packets_still_migrates_exactly_once() {
-    let mut config = vmbsrv::scenario::MigrationConfig::new(1500, 3).deterministic();
+    let mut config = vmbsrv_testkit::MigrationConfig::new(1500, 3).deterministic();
     config.sim.apply_readings("pause_waits=outgoing").unwrap();
-    let report = vmbsrv::scenario::run_live_migration(&config).unwrap();
+    let report = vmbsrv_testkit::run_live_migration(&config).unwrap();
     assert!(report.violations.is_empty(), "{:?}", report.violations);
     assert_eq!(report.verdict.delivered, 1500, "{:?}", report.verdict);
     assert!(report.verdict.is_clean(), "{:?}", report.verdict);

@@ -7,16 +7,15 @@
 //! with the checksum the VSP wrote (as it once did) passes both rewrites, as the assertions on the
 //! rewritten packets show; so does the VSP's own check of the guest's acknowledgement for a tag
 //! swap.
-#![cfg(feature = "sim")]
 
+use kmcl_sim::{Guest, HostPacket, Kmcl};
 use vmbsrv::saved::crc32c;
-use vmbsrv::scenario::migration::{
-    Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
-};
-use vmbsrv::scenario::{GuestModel, Ledger, MigrationConfig, Posted, Verdict};
-use vmbsrv::sim::{Guest, HostPacket, Kmcl};
 use vmbsrv::vsp::protocol::{DeliveryHeader, parse_delivery};
 use vmbsrv::vsp::{Outcome, OutcomeKind, PostRequest, VspChannel};
+use vmbsrv_testkit::migration::{
+    Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
+};
+use vmbsrv_testkit::{GuestModel, Ledger, MigrationConfig, Posted, Verdict};
 use zerocopy::FromBytes;
 
 /// How the test rewrites the two delivery packets before the guest model reads them.

@@ -3,6 +3,8 @@
 //! `scripts/sanitizers.sh` runs each under AddressSanitizer and requires it to be *caught*: a
 //! sanitizer run that reports nothing proves something only if the sanitizer demonstrably works
 //! in that build (instrumented code, leak checking on at exit).
+// UNSAFETY: this test drives the KMCL ABI directly (raw table calls and `extern` callbacks).
+#![allow(unsafe_code)]
 
 /// Leaks 4 KiB whose only pointer is lost: LeakSanitizer must report it at exit.
 #[test]

@@ -22,21 +22,20 @@
 //! the close/reopen race, every delivery the close cancelled is accounted for as exactly one
 //! `Cancelled` outcome and nothing else is lost). The default iteration counts keep the file under
 //! a few seconds in debug; `heavy_stress` (ignored) runs each race 1000 times.
-#![cfg(feature = "sim")]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
+use kmcl_sim::{Guest, Kmcl, SimConfig};
 use vmbsrv::kmcl::NtStatus;
-use vmbsrv::scenario::migration::{
+use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, VspChannel};
+use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
     restore_channel, save_channel,
 };
-use vmbsrv::scenario::{GuestModel, Ledger, MigrationConfig, Posted, Rng, Verdict};
-use vmbsrv::sim::{Guest, Kmcl, SimConfig};
-use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, VspChannel};
+use vmbsrv_testkit::{GuestModel, Ledger, MigrationConfig, Posted, Rng, Verdict};
 
 const IN_FLIGHT: u32 = 16;
 const MAX_MESSAGE: u32 = 48;

@@ -35,7 +35,9 @@
 //! The allocator counts (and fails) only allocations made in `Driver` mode, on any thread. The
 //! simulator's own allocations, the test's (guest model, ledger, buffers) and the Rust runtime's
 //! are never failed: they are not the code under test, and they allocate infallibly.
-#![cfg(all(feature = "sim", target_arch = "x86_64"))]
+#![cfg(target_arch = "x86_64")]
+// UNSAFETY: this test drives the KMCL ABI directly (raw table calls and `extern` callbacks).
+#![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -43,6 +45,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError, RwLock};
 
+use kmcl_sim::{
+    FaultPlan, Guest, Kmcl, KmclCall, RestoreSaveBufSize, RestoredPacketContext,
+    SIM_KMCL_SERVER_INTERFACE_TYPE, SIM_KMCL_SERVER_INTERFACE_VERSION, SaveRequires, SimConfig,
+    Violation,
+};
 use vmbsrv::kmcl::raw::{
     GUID, HANDLE, KMCL_SERVER_INTERFACE_V1, PDEVICE_OBJECT, PFN_VMB_CHANNEL_CLOSED,
     PFN_VMB_CHANNEL_OPENED, PFN_VMB_CHANNEL_POST_STARTED, PFN_VMB_CHANNEL_PROCESS_PACKET,
@@ -52,18 +59,11 @@ use vmbsrv::kmcl::raw::{
     VMBCHANNEL, VMBPACKET, VMBPACKETCOMPLETION,
 };
 use vmbsrv::kmcl::{NtStatus, SERVER_INTERFACE_V1_SIZE, ServerInterface, VmbusHandle};
-use vmbsrv::scenario::migration::{
-    Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config,
-};
-use vmbsrv::scenario::{GuestModel, Ledger, MigrationConfig, Posted, Verdict};
-use vmbsrv::sim::{
-    FaultPlan, Guest, Kmcl, KmclCall, RestoreSaveBufSize, RestoredPacketContext,
-    SIM_KMCL_SERVER_INTERFACE_TYPE, SIM_KMCL_SERVER_INTERFACE_VERSION, SaveRequires, SimConfig,
-    Violation,
-};
 use vmbsrv::vsp::{
     ChannelConfig, Outcome, OutcomeKind, Phase, PostRequest, RestoreProgress, VspChannel,
 };
+use vmbsrv_testkit::migration::{Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config};
+use vmbsrv_testkit::{GuestModel, Ledger, MigrationConfig, Posted, Verdict};
 
 // ---- whose code is running ------------------------------------------------------------------
 
@@ -520,7 +520,7 @@ const EXPECTED: [NtStatus; 4] = [
     NtStatus::DATA_ERROR,
 ];
 
-/// Which reading of KMCL's undocumented points (kmcl-reference §7) the simulator takes.
+/// Which reading of KMCL's undocumented points (docs/kmcl-bindings.md, "Undocumented points") the simulator takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Readings {
     /// `SimConfig::default()`: the conservative reading of every point.

@@ -1,17 +1,16 @@
 //! Regression tests for the bugs this tools found in the VSP (docs/reliability.md §7):
 //! each started as a minimal reproducer asserting the correct behaviour, and both were fixed in
 //! `vsp: refuse SaveContinue after the last chunk …` (709d5e1).
-#![cfg(feature = "sim")]
 
+use kmcl_sim::{Guest, Kmcl, SimConfig};
 use vmbsrv::kmcl::NtStatus;
 use vmbsrv::saved::ChannelRecord;
-use vmbsrv::scenario::GuestModel;
-use vmbsrv::scenario::migration::{
+use vmbsrv::vsp::{PostRequest, VspChannel};
+use vmbsrv_testkit::GuestModel;
+use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
     save_channel,
 };
-use vmbsrv::sim::{Guest, Kmcl, SimConfig};
-use vmbsrv::vsp::{PostRequest, VspChannel};
 
 /// A negotiated channel with two deliveries in flight, on `kmcl`.
 fn busy<'i>(

@@ -1,11 +1,10 @@
 //! Seed corpora for the cargo-fuzz targets, built from real runs of the driver over the simulator.
 //!
-//! `scripts/fuzz.sh` runs this (`cargo test --features sim --test reliability_fuzz_seeds --
+//! `scripts/fuzz.sh` runs this (`cargo test --test reliability_fuzz_seeds --
 //! --ignored`); it writes into `fuzz/corpus/<target>/` (gitignored), or under
 //! `$VMBSRV_FUZZ_CORPUS` if set. The input formats are the fuzz targets' own
 //! (`fuzz/common/inputs.rs`, included here so both sides always agree). The non-ignored test
 //! checks that the formats round-trip, so a change to one side cannot silently break seeding.
-#![cfg(feature = "sim")]
 
 #[path = "../fuzz/common/inputs.rs"]
 mod inputs;
@@ -18,14 +17,8 @@ use inputs::{
     RESTORE_REAL_RECORD, RESTORE_RESET_CONTEXT, RESTORE_SEAL_OVERRIDES, RESTORE_SEAL_RECORD,
     RestoreInput,
 };
-use vmbsrv::saved::stream::{FrameKind, FrameReader};
+use kmcl_sim::{Guest, Kmcl};
 use vmbsrv::saved::{DeliveryRecord, Extension, PRIVATE_TAG_MIN};
-use vmbsrv::scenario::migration::{
-    Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
-    save_channel,
-};
-use vmbsrv::scenario::{GuestModel, Ledger, MigrationConfig};
-use vmbsrv::sim::{Guest, Kmcl};
 use vmbsrv::vsp::control::ControlOp;
 use vmbsrv::vsp::control::wire::{
     self, CREATE_MODE_FOR_RESTORE, CREATE_MODE_START, ChannelDataRequest, ChannelRequest,
@@ -33,6 +26,12 @@ use vmbsrv::vsp::control::wire::{
 };
 use vmbsrv::vsp::protocol::{self, Header, Kind, NegotiateRequest};
 use vmbsrv::vsp::{PostRequest, VspChannel};
+use vmbsrv_testkit::fixtures::split_stream;
+use vmbsrv_testkit::migration::{
+    Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
+    save_channel,
+};
+use vmbsrv_testkit::{GuestModel, Ledger, MigrationConfig};
 use zerocopy::IntoBytes;
 
 /// A save taken from a real channel: stream, channel record and KMCL chunks.
@@ -77,15 +76,7 @@ fn real_save(posts: u64, chunk_size: usize) -> RealSave {
         stream
     };
     assert_eq!(kmcl.finish(), Vec::new());
-    let mut record = Vec::new();
-    let mut chunks = Vec::new();
-    for frame in FrameReader::new(&stream).unwrap() {
-        let frame = frame.unwrap();
-        match frame.kind {
-            FrameKind::ChannelRecord => record = frame.payload.to_vec(),
-            FrameKind::KmclChunk => chunks.push(frame.payload.to_vec()),
-        }
-    }
+    let (record, chunks) = split_stream(&stream);
     RealSave {
         stream,
         record,

@@ -7,20 +7,19 @@
 //! (slices from KMCL buffers, the context pointer back to the channel's handler, the token in the
 //! packet context, `GuestBytes` copies) is free of undefined behaviour on the paths these runs
 //! take, including data races between the simulator's threads and the caller's.
-#![cfg(feature = "sim")]
 
 use std::time::Duration;
 
+use kmcl_sim::{Guest, Kmcl, Reply, SimConfig};
 use vmbsrv::kmcl::NtStatus;
 use vmbsrv::saved::crc32c;
-use vmbsrv::scenario::migration::{
+use vmbsrv::vsp::protocol::{self, Header, Kind};
+use vmbsrv::vsp::{Outcome, OutcomeKind, PostRequest, VspChannel};
+use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
     restore_channel, save_channel,
 };
-use vmbsrv::scenario::{GuestModel, Ledger, MigrationConfig, Posted};
-use vmbsrv::sim::{Guest, Kmcl, Reply, SimConfig};
-use vmbsrv::vsp::protocol::{self, Header, Kind};
-use vmbsrv::vsp::{Outcome, OutcomeKind, PostRequest, VspChannel};
+use vmbsrv_testkit::{GuestModel, Ledger, MigrationConfig, Posted};
 use zerocopy::IntoBytes;
 
 fn sim() -> SimConfig {

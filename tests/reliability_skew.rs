@@ -11,23 +11,23 @@
 //! * An unknown **critical** extension is refused cleanly: `STATUS_REVISION_MISMATCH`, nothing
 //!   half-built, no leak (`Kmcl::finish` reports no violation), what was rebuilt before it comes
 //!   back cancelled.
-#![cfg(feature = "sim")]
 
 use std::cell::RefCell;
 
+use kmcl_sim::{Guest, Kmcl, RestoreSaveBufSize, SimConfig};
 use vmbsrv::kmcl::NtStatus;
 use vmbsrv::saved::stream::{FrameKind, FrameReader};
 use vmbsrv::saved::{
     ChannelRecord, ChannelStats, DeliveryRecord, Extension, MAX_RECORD_LEN, PRIVATE_TAG_MIN,
 };
-use vmbsrv::scenario::migration::{
+use vmbsrv::vsp::protocol::VERSION_1_0;
+use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, RestoreProgress, VspChannel};
+use vmbsrv_testkit::fixtures::split_stream;
+use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
     save_channel,
 };
-use vmbsrv::scenario::{GuestModel, Ledger, MigrationConfig, Posted};
-use vmbsrv::sim::{Guest, Kmcl, RestoreSaveBufSize, SimConfig};
-use vmbsrv::vsp::protocol::VERSION_1_0;
-use vmbsrv::vsp::{Outcome, OutcomeKind, Phase, PostRequest, RestoreProgress, VspChannel};
+use vmbsrv_testkit::{GuestModel, Ledger, MigrationConfig, Posted};
 
 const MIN: &[u8] = include_bytes!("golden/delivery_v1_min.bin");
 const TRACE: &[u8] = include_bytes!("golden/delivery_v1_trace.bin");
@@ -135,15 +135,7 @@ fn source(in_flight: u64) -> Source {
         stream
     };
     assert_eq!(kmcl.finish(), Vec::new());
-    let mut record = Vec::new();
-    let mut chunks = Vec::new();
-    for frame in FrameReader::new(&stream).unwrap() {
-        let frame = frame.unwrap();
-        match frame.kind {
-            FrameKind::ChannelRecord => record = frame.payload.to_vec(),
-            FrameKind::KmclChunk => chunks.push(frame.payload.to_vec()),
-        }
-    }
+    let (record, chunks) = split_stream(&stream);
     assert!(chunks.len() > 1);
     Source {
         guest,

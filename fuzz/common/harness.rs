@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use vmbsrv::kmcl::NtStatus;
-use vmbsrv::scenario::MigrationConfig;
-use vmbsrv::scenario::migration::Lock;
-use vmbsrv::sim::{Kmcl, SimConfig};
+use vmbsrv_testkit::MigrationConfig;
+use vmbsrv_testkit::migration::Lock;
+use kmcl_sim::{Kmcl, SimConfig};
 use vmbsrv::vsp::{Outcome, OutcomeKind, VspChannel};
 
 /// The in-flight limit of every fuzzed channel: small, so that "full" is reachable.

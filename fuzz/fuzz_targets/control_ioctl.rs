@@ -19,11 +19,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use inputs::ControlStep;
 use libfuzzer_sys::fuzz_target;
 use vmbsrv::kmcl::{NtStatus, ParentDevice, Result, ServerInterface, VmbusHandle};
-use vmbsrv::scenario::MigrationConfig;
-use vmbsrv::scenario::migration::{
+use vmbsrv_testkit::MigrationConfig;
+use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, query_server_interface,
 };
-use vmbsrv::sim::{Guest, Kmcl, KmclCall, SimConfig, SimSpinLock, ViolationKind};
+use kmcl_sim::{Guest, Kmcl, KmclCall, SimConfig, SimSpinLock, ViolationKind};
 use vmbsrv::vsp::control::wire::{self, CREATE_MODE_START, OUTCOME_ENTRY_LEN};
 use vmbsrv::vsp::control::{
     CONTROL_VERSION, ChannelRegistry, ChannelTable, ControlEnvironment, ControlOp, OwnerId,

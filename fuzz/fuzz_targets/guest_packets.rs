@@ -20,11 +20,11 @@ use inputs::GuestOp;
 use libfuzzer_sys::fuzz_target;
 use vmbsrv::kmcl::NtStatus;
 use vmbsrv::saved::crc32c;
-use vmbsrv::scenario::GuestModel;
-use vmbsrv::scenario::migration::{
+use vmbsrv_testkit::GuestModel;
+use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
 };
-use vmbsrv::sim::{Guest, Kmcl};
+use kmcl_sim::{Guest, Kmcl};
 use vmbsrv::vsp::protocol::{self, Kind};
 use vmbsrv::vsp::{Phase, PostRequest, VspChannel};
 

@@ -29,12 +29,12 @@ use libfuzzer_sys::fuzz_target;
 use vmbsrv::kmcl::NtStatus;
 use vmbsrv::saved::stream::{FrameKind, FrameReader};
 use vmbsrv::saved::{ChannelRecord, DeliveryRecord, MAX_RECORD_LEN, crc32c};
-use vmbsrv::scenario::GuestModel;
-use vmbsrv::scenario::migration::{
+use vmbsrv_testkit::GuestModel;
+use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
     save_channel,
 };
-use vmbsrv::sim::{Guest, Kmcl, RestoreSaveBufSize, RestoredPacketContext, SimConfig};
+use kmcl_sim::{Guest, Kmcl, RestoreSaveBufSize, RestoredPacketContext, SimConfig};
 use vmbsrv::vsp::{OutcomeKind, Phase, PostRequest, RestoreProgress, VspChannel};
 
 /// A real save: the channel record and the KMCL chunks of a channel with deliveries in flight.
@@ -58,7 +58,7 @@ fn real_save() -> &'static RealSave {
                 VspChannel::create(&interface, &channel_config(&kmcl, IN_FLIGHT, MAX_MESSAGE))
                     .unwrap();
             guest.open_and_negotiate(&kmcl).unwrap();
-            let mut ledger = vmbsrv::scenario::Ledger::new();
+            let mut ledger = vmbsrv_testkit::Ledger::new();
             for tag in 0..REAL_IN_FLIGHT {
                 let payload = vec![tag as u8; 1 + tag as usize * 7];
                 channel

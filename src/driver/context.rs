@@ -1,6 +1,6 @@
 //! WDF object contexts: `WDF_DECLARE_CONTEXT_TYPE` and `WdfObjectGet_<T>` by hand.
 //!
-//! wdk-sys has none of the C context macros (notes §2.7). The pattern follows
+//! wdk-sys has none of the C context macros (docs/windows-build.md §10.2). The pattern follows
 //! Windows-rust-driver-samples `general/echo/kmdf/driver/DriverSync/src/wdf_object_context.rs`:
 //! a `#[repr(transparent)]` wrapper around `WDF_OBJECT_CONTEXT_TYPE_INFO` in a static whose
 //! `UniqueType` points at itself, and `WdfObjectGetTypedContextWorker(handle, UniqueType)` to

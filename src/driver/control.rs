@@ -3,7 +3,7 @@
 //!
 //! * **CreateChannel** is handled entirely in `EvtIoInCallerContext`, i.e. in the thread of the
 //!   process that sent it, because `VmbConvertVmbusHandleToKernelHandle` must run in the context
-//!   of the process that owns the user-mode VMBus handle (kmcl-reference §2.7, §5.2). The request
+//!   of the process that owns the user-mode VMBus handle (docs/kmcl-bindings.md §R6). The request
 //!   is dispatched and completed there (EVT_WDF_IO_IN_CALLER_CONTEXT Remarks: the callback either
 //!   enqueues the request or completes it). Doing the whole creation there, instead of converting
 //!   the handle into a request context and enqueueing, means a converted kernel handle is never
@@ -147,7 +147,7 @@ impl ControlEnvironment<'static> for Environment {
             Some(interface) => interface,
             // Unreachable: only CreateChannel asks, and CreateChannel is dispatched only with the
             // interface present (evt_io_in_caller_context); the queue refuses it
-            // (evt_io_device_control). A panic here bugchecks (notes §2.8).
+            // (evt_io_device_control). A panic here bugchecks (docs/windows-build.md §10.4).
             None => panic!("vmbsrv: control environment without a KMCL interface"),
         }
     }
@@ -173,7 +173,7 @@ impl ControlEnvironment<'static> for Environment {
         let value = usize::try_from(user_handle).map_err(|_| NtStatus::INVALID_PARAMETER)?;
         let mut kernel: HANDLE = ptr::null_mut();
         // We run in the requesting process's thread (EvtIoInCallerContext, PASSIVE_LEVEL, UserMode
-        // requestor), as the call requires (kmcl-reference §2.7); a handle value has no provenance.
+        // requestor), as the call requires (docs/kmcl-bindings.md §R6); a handle value has no provenance.
         // SAFETY: `convert` is from the validated KMCL table held for the device's life, and
         // `kernel` is a valid out-parameter.
         let status = unsafe {

@@ -3,7 +3,7 @@
 //! vmbsrv is a root-enumerated device, not a VMBus child, so it cannot use
 //! `WdfFdoQueryForInterface` on its own stack. It opens the VMBus KMCL device as a remote I/O
 //! target and sends `IRP_MN_QUERY_INTERFACE` there with `WdfIoTargetQueryForInterface`, which the
-//! KMCL documentation names as the alternative (kmcl-reference §1.1).
+//! KMCL documentation names as the alternative (docs/kmcl-bindings.md §R1).
 //!
 //! The interface type is the header's public `KMCL_SERVER_INTERFACE_TYPE` with
 //! `KMCL_SERVER_INTERFACE_VERSION_V1` ([`raw::KMCL_SERVER_INTERFACE_TYPE`], docs/kmcl-bindings.md
@@ -32,7 +32,7 @@ use crate::kmcl::raw::{
 };
 use crate::kmcl::{NtStatus, SERVER_INTERFACE_V1_SIZE, ServerInterface};
 
-/// The host-side KMCL device. Provenance: kmcl-reference §1.7 — the name dxgkrnl.sys opens in its
+/// The host-side KMCL device. Provenance: docs/kmcl-bindings.md §R1 — the name dxgkrnl.sys opens in its
 /// host role (`\Device\VMBus\kmcl_interface` is the guest one), seen in public Hex-Rays output of
 /// several dxgkrnl builds. Not documented by Microsoft.
 pub(super) const KMCL_DEVICE_NAME: &str = r"\Device\RootVMBus\kmcl_interface";
@@ -56,7 +56,7 @@ const fn ascii_to_utf16<const N: usize>(text: &str) -> [u16; N] {
 }
 
 /// `FILE_ALL_ACCESS` (0x001F01FF, wdm.h): the access dxgkrnl asks for when it opens the KMCL
-/// device (kmcl-reference §1.7). Spelled out because it is a macro expression.
+/// device (docs/kmcl-bindings.md §R1). Spelled out because it is a macro expression.
 const FILE_ALL_ACCESS: wdk_sys::ACCESS_MASK = 0x001F_01FF;
 /// `FILE_OPEN` (wdm.h): open an existing object only.
 const FILE_OPEN: wdk_sys::ULONG = 0x0000_0001;
@@ -169,7 +169,7 @@ fn open_and_query(
 
     // SAFETY: KMCL_SERVER_INTERFACE_V1 is `INTERFACE` (two u16, a pointer, two nullable function
     // pointers) followed by nullable function pointers only: all-zero is a valid value of every
-    // field (0 / NULL / None). The query expects a zeroed structure (kmcl-reference §1.1).
+    // field (0 / NULL / None). The query expects a zeroed structure (docs/kmcl-bindings.md §R1).
     let mut table: KMCL_SERVER_INTERFACE_V1 = unsafe { core::mem::zeroed() };
     let interface_type = KMCL_SERVER_INTERFACE_TYPE;
     // SAFETY: `target` is open; `interface_type` and `table` are locals that outlive the

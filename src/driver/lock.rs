@@ -54,7 +54,7 @@ impl<T: Send> DispatchLock<T> for KSpinLock<T> {
         // reference does not outlive `f`. `f` must not re-enter this lock (trait rule).
         let result = f(unsafe { &mut *self.value.get() });
         // SAFETY: releases the lock acquired above with the IRQL it returned. (A panic in `f`
-        // never gets here, but panics bugcheck in this driver, notes §2.8.)
+        // never gets here, but panics bugcheck in this driver, docs/windows-build.md §10.4.)
         unsafe { KeReleaseSpinLock(self.lock.get(), old_irql) };
         result
     }

@@ -56,22 +56,22 @@ use wdk_sys::{
 };
 
 // The panic handler (wdk-panic 0.5: `int 3` in debug builds, then `KeBugCheckEx(0x52504E43)`;
-// notes §2.8) and the allocator (`ExAllocatePool2(POOL_FLAG_NON_PAGED, .., 'rust')`; notes §2.7).
-// Both only where `std` is not linked: `src/lib.rs` links `std` for `test` and the `std` feature,
+// docs/windows-build.md §10.4) and the allocator (`ExAllocatePool2(POOL_FLAG_NON_PAGED, .., 'rust')`; docs/windows-build.md §10.3).
+// Both only where `std` is not linked: `src/lib.rs` links `std` for `test`,
 // and `std` brings its own panic handler and allocator.
 //
 // WdkAllocator ignores `Layout::align()`; ExAllocatePool2 returns 16-byte aligned blocks on 64-bit
 // Windows. No type in this crate asks for more than 16 (no `#[repr(align)]` outside the
 // simulator; the largest alignment in the driver's data is 8).
-#[cfg(not(any(test, feature = "std")))]
+#[cfg(not(test))]
 extern crate wdk_panic;
 
-#[cfg(not(any(test, feature = "std")))]
+#[cfg(not(test))]
 #[global_allocator]
 static GLOBAL_ALLOCATOR: wdk_alloc::WdkAllocator = wdk_alloc::WdkAllocator;
 
 /// `sizeof(T)` as the `ULONG` `Size` member of a WDF structure (the `WDF_*_INIT` helpers are C
-/// inlines that wdk-sys does not generate; notes §2.7).
+/// inlines that wdk-sys does not generate; docs/windows-build.md §10.2).
 pub(crate) const fn wdf_size<T>() -> wdk_sys::ULONG {
     let size = core::mem::size_of::<T>();
     assert!(size <= wdk_sys::ULONG::MAX as usize);
@@ -79,7 +79,7 @@ pub(crate) const fn wdf_size<T>() -> wdk_sys::ULONG {
 }
 
 /// The driver's entry point, called by KMDF's `FxDriverEntry` (wdk-build links with
-/// `/ENTRY:FxDriverEntry`, notes §2.4). Edition 2024 spelling of the export (notes §2.7); with
+/// `/ENTRY:FxDriverEntry`, docs/windows-build.md §10.1). Edition 2024 spelling of the export (docs/windows-build.md §10.1); with
 /// wdk-sys's `test-stubs` the stub crate provides `DriverEntry`, hence the `not(test)` gate.
 #[cfg_attr(not(test), unsafe(export_name = "DriverEntry"))]
 #[cfg_attr(test, allow(dead_code))]

@@ -1,4 +1,5 @@
-//! The lock abstraction the delivery state lives behind.
+//! The lock abstraction the delivery state lives behind: [`DispatchLock`], whose contract lives in
+//! the `kmcl` crate (so a simulator can implement it without knowing the VSP).
 //!
 //! Completion routines and process-packet callbacks run at DISPATCH_LEVEL, so the lock must be
 //! a spin lock that raises IRQL (in the driver: a `KSPIN_LOCK` with `KeAcquireSpinLock`); a lock
@@ -8,30 +9,15 @@
 //! Rules for callers (checked by the simulator's implementation): hold it briefly, never call a
 //! KMCL function while holding it, never block while holding it, never re-enter it.
 
-/// A lock usable at IRQL ≤ DISPATCH_LEVEL that protects one `T`.
-pub trait DispatchLock<T>: Send + Sync {
-    /// Wraps `value`. Creating a spin lock cannot fail.
-    fn new(value: T) -> Self;
-
-    /// Runs `f` with exclusive access to the value, at DISPATCH_LEVEL.
-    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R;
-
-    /// Called at PASSIVE_LEVEL, never with the lock held, between two looks at a condition
-    /// another thread will make true soon (a post finishing its send, a start callback, a
-    /// completion after Disable). Every such wait in the VSP is also bounded by a count of
-    /// rounds. The default only hints the processor; a platform may yield instead.
-    fn relax() {
-        core::hint::spin_loop();
-    }
-}
+pub use kmcl::DispatchLock;
 
 /// A host-only implementation over `std::sync::Mutex`, for unit tests and host tools.
 ///
 /// It does not raise any IRQL, so it must never stand in for the driver's spin lock.
-#[cfg(any(test, feature = "std"))]
+#[cfg(test)]
 pub struct HostLock<T>(std::sync::Mutex<T>);
 
-#[cfg(any(test, feature = "std"))]
+#[cfg(test)]
 impl<T: Send> DispatchLock<T> for HostLock<T> {
     fn new(value: T) -> Self {
         Self(std::sync::Mutex::new(value))

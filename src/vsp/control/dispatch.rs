@@ -100,7 +100,7 @@ pub type ChannelTable<'a, L> = RegistryTable<VspChannel<'a, L>>;
 ///
 /// Usable once `VspChannel` is `Send`: today `ChannelConfig` holds `ParentDevice` and
 /// `VmbusHandle`, raw pointers without `Send`, so `HostLock` cannot hold a channel table.
-#[cfg(any(test, feature = "std"))]
+#[cfg(test)]
 pub type HostChannelRegistry<'a> = ChannelRegistry<
     'a,
     crate::vsp::lock::HostLock<DeliveryTable>,

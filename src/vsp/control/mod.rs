@@ -50,7 +50,7 @@ pub use codes::{
     IOCTL_VMBSRV_RESUME, IOCTL_VMBSRV_SAVE_BEGIN, IOCTL_VMBSRV_SAVE_CONTINUE,
     IOCTL_VMBSRV_SAVE_END, METHOD_BUFFERED, ctl_code,
 };
-#[cfg(any(test, feature = "std"))]
+#[cfg(test)]
 pub use dispatch::HostChannelRegistry;
 pub use dispatch::{ChannelRegistry, ChannelTable, ControlEnvironment, DispatchResult};
 pub use parse::caller_context_vmbus_handle;

@@ -1,0 +1,59 @@
+//! The simulator's implementation of the VSP's [`DispatchLock`]: a real mutex that also raises the
+//! holder's simulated IRQL to DISPATCH_LEVEL, as `KeAcquireSpinLock` does.
+//!
+//! Holding it therefore makes every PASSIVE-only KMCL call a recorded violation (for example a
+//! `VmbChannelPause` made while the delivery table is locked), and a blocking wait inside it shows
+//! up as the simulator's hang detection.
+
+use std::sync::{Mutex, PoisonError};
+
+use super::irql::{Irql, raise_irql};
+use kmcl::DispatchLock;
+
+/// A spin lock as the simulator models one.
+#[derive(Debug)]
+pub struct SimSpinLock<T>(Mutex<T>);
+
+impl<T: Send> DispatchLock<T> for SimSpinLock<T> {
+    fn new(value: T) -> Self {
+        Self(Mutex::new(value))
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        // Raise first, as KeAcquireSpinLock does, so the IRQL is DISPATCH for the whole hold.
+        let _irql = raise_irql(Irql::Dispatch);
+        let mut guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut guard)
+    }
+
+    fn relax() {
+        // In deterministic mode there is no worker to give the processor to: the waiting thread
+        // runs a step of the work itself (docs/simulator.md, deterministic mode).
+        if super::schedule::drive_this_thread() {
+            return;
+        }
+        // A PASSIVE-level wait in the driver gives the processor away (KeDelayExecutionThread);
+        // a short sleep does that here, so the waited-for worker thread runs even on one core,
+        // and the VSP's bounded wait rounds stand for real time.
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::current_irql;
+
+    #[test]
+    fn holds_at_dispatch_and_restores_the_irql() {
+        let lock = SimSpinLock::new(5u32);
+        assert_eq!(current_irql(), Irql::Passive);
+        let seen = lock.with(|value| {
+            *value += 1;
+            current_irql()
+        });
+        assert_eq!(seen, Irql::Dispatch);
+        assert_eq!(current_irql(), Irql::Passive);
+        assert_eq!(lock.with(|value| *value), 6);
+    }
+}

@@ -1,0 +1,349 @@
+//! Channel restore: `VmbChannelRestoreFromBuffer` by chunks (with the restore-packet callback)
+//! and `VmbPacketRestore`.
+
+use super::*;
+
+impl Shared {
+    // ---- restore ---------------------------------------------------------------------------------
+
+    /// `VmbChannelRestoreFromBuffer` with a copy of the driver's buffer.
+    pub(crate) fn restore_from_buffer(&self, seq: u32, bytes: &[u8]) -> NtStatus {
+        let call = KmclCall::ChannelRestoreFromBuffer;
+        let mut st = self.lock();
+        if !st.live_channel(call, seq) {
+            return NtStatus::INVALID_PARAMETER_1;
+        }
+        if !st.require_passive(call) {
+            return NtStatus::INVALID_DEVICE_STATE;
+        }
+        if let Some(status) = st.tick(call) {
+            return status;
+        }
+        let Some(c) = st.channels.get_mut(&seq) else {
+            return NtStatus::INVALID_PARAMETER_1;
+        };
+        let timing_ok = match self.config.restore_timing {
+            RestoreTiming::BeforeEnable => c.lifecycle == Lifecycle::Disabled,
+            RestoreTiming::AfterEnable => {
+                c.lifecycle == Lifecycle::Enabled && !c.running && !c.passive_busy
+            }
+        };
+        if !timing_ok
+            && self.config.restore_timing == RestoreTiming::AfterEnable
+            && c.lifecycle == Lifecycle::Disabled
+            && c.restore == RestorePhase::Idle
+        {
+            // A clean refusal, nothing changed: the driver may enable the channel and retry (the
+            // timing is undocumented, so asking is legitimate).
+            return NtStatus::INVALID_DEVICE_STATE;
+        }
+        if !timing_ok {
+            let detail = format!(
+                "restore on a channel that is {:?} (running: {}); SimConfig::restore_timing = {:?}",
+                c.lifecycle, c.running, self.config.restore_timing
+            );
+            st.violation(ViolationKind::WrongState, Some(call), detail);
+            return NtStatus::INVALID_DEVICE_STATE;
+        }
+        let Some(restore_cb) = c.restore_packet else {
+            st.violation(
+                ViolationKind::WrongState,
+                Some(call),
+                "no restore callback registered",
+            );
+            return NtStatus::INVALID_DEVICE_STATE;
+        };
+        let (expected, mut session, mut packets) = match c.restore {
+            RestorePhase::Idle => (0, None, 0),
+            RestorePhase::InProgress {
+                next,
+                session,
+                packets,
+            } => (next, Some(session), packets),
+            phase => {
+                st.violation(
+                    ViolationKind::WrongState,
+                    Some(call),
+                    format!("restore is {phase:?}; a channel is restored once"),
+                );
+                return NtStatus::INVALID_DEVICE_STATE;
+            }
+        };
+        // Validate the whole chunk before any callback.
+        let chunk = match container::decode_chunk(bytes) {
+            Ok(chunk) => chunk,
+            Err(status) => {
+                c.restore = RestorePhase::Failed;
+                return status;
+            }
+        };
+        let structure = validate_chunk(&chunk, expected, session, packets);
+        let libs = match structure {
+            Ok(libs) => libs,
+            Err(status) => {
+                c.restore = RestorePhase::Failed;
+                return status;
+            }
+        };
+        // A transaction id already in flight on this channel: the blob was fed twice or forged.
+        // One pass over the packets per chunk (not one per unit), so a restore stays linear in
+        // chunks × packets rather than quadratic in packets.
+        let duplicate = {
+            let chunk_txids: std::collections::BTreeSet<u64> =
+                libs.iter().flatten().map(|lib| lib.txid).collect();
+            !chunk_txids.is_empty()
+                && st.packets.values().any(|p| {
+                    p.channel == seq
+                        && p.state != PacketState::Idle
+                        && chunk_txids.contains(&p.txid)
+                })
+        };
+        let Some(c) = st.channels.get_mut(&seq) else {
+            return NtStatus::INVALID_PARAMETER_1;
+        };
+        if duplicate {
+            c.restore = RestorePhase::Failed;
+            return NtStatus::DATA_ERROR;
+        }
+        session.get_or_insert(chunk.session);
+        c.restore = RestorePhase::Busy;
+        let padded = self.config.restore_save_buf_size == RestoreSaveBufSize::PaddedWithZeros;
+        let ch_handle = self.handle(seq, Kind::Channel);
+        drop(st);
+        for (unit, lib) in chunk.units.iter().zip(libs.iter()) {
+            let (
+                Unit::Packet {
+                    lib: lib_bytes,
+                    driver,
+                    driver_alloc,
+                },
+                Some(lib),
+            ) = (unit, lib)
+            else {
+                continue;
+            };
+            let mut save_buf = driver.clone();
+            if padded {
+                save_buf.resize(*driver_alloc as usize, 0);
+            }
+            if let Some(tamper) = self.config.tamper_driver_bytes {
+                tamper(u64::from(packets), &mut save_buf);
+            }
+            let (status, restored) = crate::invoke::restore_packet(
+                self.id, restore_cb, ch_handle, seq, lib.txid, lib_bytes, &save_buf,
+            );
+            packets = packets.saturating_add(1);
+            match (status.is_success(), restored) {
+                (true, Some(_)) => {}
+                (true, None) => self.lock().violation(
+                    ViolationKind::RestoreWithoutPacketRestore,
+                    Some(call),
+                    format!(
+                        "restore callback returned success without VmbPacketRestore (txid {})",
+                        lib.txid
+                    ),
+                ),
+                (false, restored) => {
+                    let mut st = self.lock();
+                    if restored.is_some() {
+                        st.violation(
+                            ViolationKind::RestoreFailedAfterPacketRestore,
+                            Some(call),
+                            format!(
+                                "restore callback failed ({status:?}) after VmbPacketRestore \
+                                 succeeded (txid {}); the packet stays in flight",
+                                lib.txid
+                            ),
+                        );
+                    }
+                    if let Some(c) = st.channels.get_mut(&seq) {
+                        c.restore = RestorePhase::Failed;
+                    }
+                    return status;
+                }
+            }
+        }
+        let mut st = self.lock();
+        let Some(c) = st.channels.get_mut(&seq) else {
+            return NtStatus::INVALID_DEVICE_STATE;
+        };
+        if chunk.last {
+            c.restore = RestorePhase::Done;
+            drop(st);
+            self.notify();
+            NtStatus::SUCCESS
+        } else {
+            c.restore = RestorePhase::InProgress {
+                next: expected.saturating_add(1),
+                session: session.unwrap_or(chunk.session),
+                packets,
+            };
+            NtStatus::MORE_PROCESSING_REQUIRED
+        }
+    }
+
+    /// `VmbPacketRestore` (the FFI layer copied `LibBuf`).
+    pub(crate) fn packet_restore(&self, seq: u32, lib_bytes: &[u8]) -> NtStatus {
+        let call = KmclCall::PacketRestore;
+        let mut st = self.lock();
+        if !st.live_packet(call, seq) {
+            return NtStatus::INVALID_PARAMETER_1;
+        }
+        if !st.require_passive(call) {
+            return NtStatus::INVALID_DEVICE_STATE;
+        }
+        if let Some(status) = st.tick(call) {
+            return status;
+        }
+        let Some(p) = st.packets.get(&seq) else {
+            return NtStatus::INVALID_PARAMETER_1;
+        };
+        let ch = p.channel;
+        let frame = irql::top_frame().filter(|f| f.instance == self.id);
+        let Some(FrameKind::RestorePacket {
+            channel,
+            txid,
+            restored,
+        }) = frame.map(|f| f.kind)
+        else {
+            st.violation(
+                ViolationKind::PacketRestoreMisuse,
+                Some(call),
+                "VmbPacketRestore outside the restore callback",
+            );
+            return NtStatus::INVALID_DEVICE_STATE;
+        };
+        if channel != ch {
+            st.violation(
+                ViolationKind::PacketRestoreMisuse,
+                Some(call),
+                "packet was allocated on another channel than the one being restored",
+            );
+            return NtStatus::INVALID_PARAMETER_1;
+        }
+        if restored.is_some() {
+            st.violation(
+                ViolationKind::PacketRestoreMisuse,
+                Some(call),
+                "VmbPacketRestore called twice for one saved packet",
+            );
+            return NtStatus::INVALID_DEVICE_STATE;
+        }
+        if p.state != PacketState::Idle {
+            st.violation(
+                ViolationKind::PacketInFlight,
+                Some(call),
+                "restoring into a packet that is in flight",
+            );
+            return NtStatus::INVALID_DEVICE_STATE;
+        }
+        let lib = match container::decode_lib(lib_bytes) {
+            Ok(lib) if lib.txid == txid => lib,
+            _ => {
+                st.violation(
+                    ViolationKind::PacketRestoreMisuse,
+                    Some(call),
+                    "LibBuf is not the one this restore callback was given",
+                );
+                return NtStatus::INVALID_PARAMETER;
+            }
+        };
+        NEXT_TXID.fetch_max(lib.txid.saturating_add(1), Ordering::Relaxed);
+        let reset_routine =
+            self.config.restored_packet_context != RestoredPacketContext::KeepSetBeforeRestore;
+        let reset_pointer =
+            self.config.restored_packet_context == RestoredPacketContext::ResetOnRestore;
+        let force_new = st.channels.get(&ch).is_some_and(|c| {
+            c.server_flags & VMBUS_SERVER_CHANNEL_INIT_FLAG_FORCE_NEW_CHANNEL != 0
+        });
+        let wait = lib.flags & VMBUS_CHANNEL_FORMAT_FLAG_WAIT_FOR_COMPLETION != 0;
+        let Some(p) = st.packets.get_mut(&seq) else {
+            return NtStatus::INVALID_PARAMETER_1;
+        };
+        if reset_routine {
+            p.routine = None;
+        }
+        if reset_pointer {
+            p.pointer = DriverPtr::NULL;
+        }
+        p.txid = lib.txid;
+        p.flags = lib.flags;
+        p.payload = lib.payload;
+        let requeue = force_new || !wait;
+        let new_state = match lib.location {
+            Location::Idle => PacketState::Idle,
+            Location::HostQueue => PacketState::Queued,
+            Location::Ring | Location::Delivered if requeue => PacketState::Queued,
+            Location::Ring | Location::Delivered => PacketState::Sent,
+        };
+        p.state = new_state;
+        if let Some(c) = st.channels.get_mut(&ch) {
+            match new_state {
+                PacketState::Queued => c.host_queue.push_back(seq),
+                PacketState::Sent => {
+                    c.in_flight.insert(lib.txid, seq);
+                }
+                PacketState::Idle => {}
+            }
+        }
+        irql::update_top_frame(|f| {
+            if let FrameKind::RestorePacket { restored, .. } = &mut f.kind {
+                *restored = Some(seq);
+            }
+        });
+        NtStatus::SUCCESS
+    }
+}
+
+/// Structural checks of a decoded chunk against the restore so far; returns, per unit, the decoded
+/// `LibBuf` of a packet unit.
+fn validate_chunk(
+    chunk: &container::Chunk,
+    expected: u32,
+    session: Option<u64>,
+    packets_so_far: u32,
+) -> Result<Vec<Option<LibState>>, NtStatus> {
+    if chunk.index != expected {
+        return Err(NtStatus::INVALID_PARAMETER);
+    }
+    if session.is_some_and(|s| s != chunk.session) {
+        return Err(NtStatus::INVALID_PARAMETER);
+    }
+    let mut libs = Vec::with_capacity(chunk.units.len());
+    let mut packets = packets_so_far;
+    let count = chunk.units.len();
+    for (i, unit) in chunk.units.iter().enumerate() {
+        match unit {
+            Unit::Begin => {
+                if !(expected == 0 && i == 0) {
+                    return Err(NtStatus::DATA_ERROR);
+                }
+                libs.push(None);
+            }
+            Unit::End { packets: n } => {
+                if !(chunk.last && i + 1 == count) || *n != packets {
+                    return Err(NtStatus::DATA_ERROR);
+                }
+                libs.push(None);
+            }
+            Unit::Packet { lib, .. } => {
+                if expected == 0 && i == 0 {
+                    return Err(NtStatus::DATA_ERROR);
+                }
+                let lib = container::decode_lib(lib).map_err(|_| NtStatus::DATA_ERROR)?;
+                if lib.session != chunk.session {
+                    return Err(NtStatus::DATA_ERROR);
+                }
+                packets = packets.saturating_add(1);
+                libs.push(Some(lib));
+            }
+        }
+    }
+    if expected == 0 && !matches!(chunk.units.first(), Some(Unit::Begin)) {
+        return Err(NtStatus::DATA_ERROR);
+    }
+    if chunk.last && !matches!(chunk.units.last(), Some(Unit::End { .. })) {
+        return Err(NtStatus::DATA_ERROR);
+    }
+    Ok(libs)
+}

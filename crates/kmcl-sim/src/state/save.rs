@@ -1,0 +1,365 @@
+//! Channel save: `VmbChannelSaveBegin` / `SaveContinue` / `SaveEnd`, and the two-call
+//! save-packet protocol with the driver.
+
+use super::*;
+
+impl Shared {
+    // ---- save ------------------------------------------------------------------------------------
+
+    /// `VmbChannelSaveBegin`.
+    pub(crate) fn save_begin(&self, seq: u32) -> NtStatus {
+        let call = KmclCall::ChannelSaveBegin;
+        let mut st = self.lock();
+        if !st.live_channel(call, seq) {
+            return NtStatus::INVALID_PARAMETER_1;
+        }
+        if !st.require_passive(call) {
+            return NtStatus::INVALID_DEVICE_STATE;
+        }
+        if let Some(status) = st.tick(call) {
+            return status;
+        }
+        let Some(c) = st.channels.get(&seq) else {
+            return NtStatus::INVALID_PARAMETER_1;
+        };
+        if c.save.is_some() {
+            st.violation(
+                ViolationKind::SaveSequence,
+                Some(call),
+                "VmbChannelSaveBegin while a save is in progress",
+            );
+            return NtStatus::INVALID_DEVICE_STATE;
+        }
+        if self.config.save_requires == SaveRequires::Paused && (c.running || c.passive_busy) {
+            st.violation(
+                ViolationKind::WrongState,
+                Some(call),
+                "save of a running channel (SimConfig::save_requires = Paused, §7.4)",
+            );
+            return NtStatus::INVALID_DEVICE_STATE;
+        }
+        if c.incoming_outstanding > 0 && self.config.incoming_at_save == IncomingAtSave::Refuse {
+            return NtStatus::INVALID_DEVICE_STATE;
+        }
+        // Let host-side completion work of this channel finish, so the snapshot is stable.
+        let mut st = self.wait_until(st, Some(call), "completion routines to drain", |st| {
+            st.dpc_busy != Some(seq) && !st.dpc_work.iter().any(|w| w.channel == seq)
+        });
+        let save_unsent = self.config.save_unsent_packets;
+        let mut in_flight: Vec<(u64, u32)> = Vec::new();
+        let mut idle: Vec<u32> = Vec::new();
+        for (pseq, p) in &st.packets {
+            if p.channel != seq {
+                continue;
+            }
+            match p.state {
+                PacketState::Queued | PacketState::Sent => in_flight.push((p.txid, *pseq)),
+                PacketState::Idle if save_unsent => idle.push(*pseq),
+                PacketState::Idle => {}
+            }
+        }
+        in_flight.sort_unstable();
+        let mut queue: VecDeque<u32> = in_flight.into_iter().map(|(_, p)| p).collect();
+        queue.extend(idle);
+        let session = (u64::from(self.id) << 40) | NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = st.channels.get_mut(&seq) {
+            c.save = Some(SaveCtx {
+                session,
+                stage: SaveStage::Begin,
+                queue,
+                pending: None,
+                chunk_index: 0,
+                packets_saved: 0,
+                failed: None,
+                finished: false,
+                busy: false,
+            });
+        }
+        NtStatus::SUCCESS
+    }
+
+    /// `VmbChannelSaveEnd`.
+    pub(crate) fn save_end(&self, seq: u32) {
+        let call = KmclCall::ChannelSaveEnd;
+        let mut st = self.lock();
+        if !st.live_channel(call, seq) {
+            return;
+        }
+        let _ = st.tick(call);
+        st.require_passive(call);
+        let had = st.channels.get_mut(&seq).and_then(|c| c.save.take());
+        if had.is_none() {
+            st.violation(
+                ViolationKind::SaveSequence,
+                Some(call),
+                "VmbChannelSaveEnd without VmbChannelSaveBegin",
+            );
+        }
+    }
+
+    /// `VmbChannelSaveContinue` into a buffer of `size` bytes.
+    pub(crate) fn save_continue(&self, seq: u32, size: usize) -> SaveOutput {
+        let call = KmclCall::ChannelSaveContinue;
+        let fail = |status| SaveOutput {
+            status,
+            chunk: Vec::new(),
+            required: 0,
+        };
+        let mut st = self.lock();
+        if !st.live_channel(call, seq) {
+            return fail(NtStatus::INVALID_PARAMETER_1);
+        }
+        if !st.require_passive(call) {
+            return fail(NtStatus::INVALID_DEVICE_STATE);
+        }
+        if let Some(status) = st.tick(call) {
+            return fail(status);
+        }
+        let problem = match st.channels.get_mut(&seq).and_then(|c| c.save.as_mut()) {
+            None => Some("VmbChannelSaveContinue without VmbChannelSaveBegin"),
+            Some(ctx) if ctx.busy => Some("concurrent VmbChannelSaveContinue on one channel"),
+            Some(ctx) if ctx.finished => {
+                Some("VmbChannelSaveContinue after it returned STATUS_SUCCESS")
+            }
+            Some(ctx) => {
+                if let Some(status) = ctx.failed {
+                    return fail(status);
+                }
+                ctx.busy = true;
+                None
+            }
+        };
+        if let Some(problem) = problem {
+            st.violation(ViolationKind::SaveSequence, Some(call), problem);
+            return fail(NtStatus::INVALID_DEVICE_STATE);
+        }
+        let mut body: Vec<u8> = Vec::new();
+        let mut last = false;
+        loop {
+            // Make sure the next unit is encoded.
+            let needs_unit = st
+                .channels
+                .get(&seq)
+                .and_then(|c| c.save.as_ref())
+                .is_some_and(|ctx| ctx.pending.is_none() && ctx.stage != SaveStage::Done);
+            if needs_unit {
+                match self.next_save_unit(st, seq) {
+                    Ok(guard) => st = guard,
+                    Err((guard, status)) => {
+                        st = guard;
+                        if let Some(ctx) = st.channels.get_mut(&seq).and_then(|c| c.save.as_mut()) {
+                            ctx.failed = Some(status);
+                            ctx.busy = false;
+                        }
+                        return fail(status);
+                    }
+                }
+            }
+            let Some(ctx) = st.channels.get_mut(&seq).and_then(|c| c.save.as_mut()) else {
+                return fail(NtStatus::INVALID_DEVICE_STATE);
+            };
+            let Some((unit, is_end)) = ctx.pending.as_ref() else {
+                break;
+            };
+            if container::CHUNK_HEADER_LEN + body.len() + unit.len() > size {
+                if body.is_empty() {
+                    let required = container::CHUNK_HEADER_LEN + unit.len();
+                    ctx.busy = false;
+                    return SaveOutput {
+                        status: NtStatus::BUFFER_TOO_SMALL,
+                        chunk: Vec::new(),
+                        required: u32::try_from(required).unwrap_or(u32::MAX),
+                    };
+                }
+                break;
+            }
+            body.extend_from_slice(unit);
+            let is_end = *is_end;
+            ctx.pending = None;
+            if is_end {
+                last = true;
+                break;
+            }
+        }
+        let Some(ctx) = st.channels.get_mut(&seq).and_then(|c| c.save.as_mut()) else {
+            return fail(NtStatus::INVALID_DEVICE_STATE);
+        };
+        let mut chunk = std::vec![0u8; container::CHUNK_HEADER_LEN + body.len()];
+        container::write_chunk(&mut chunk, ctx.chunk_index, ctx.session, last, &body);
+        ctx.chunk_index = ctx.chunk_index.saturating_add(1);
+        ctx.busy = false;
+        if last {
+            ctx.finished = true;
+        }
+        SaveOutput {
+            status: if last {
+                NtStatus::SUCCESS
+            } else {
+                NtStatus::BUFFER_OVERFLOW
+            },
+            chunk,
+            required: 0,
+        }
+    }
+
+    /// Produces the next save unit into `ctx.pending` (calling the driver's save callback, with the
+    /// lock released, for a packet unit).
+    #[allow(clippy::type_complexity)]
+    fn next_save_unit<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        seq: u32,
+    ) -> Result<MutexGuard<'a, State>, (MutexGuard<'a, State>, NtStatus)> {
+        loop {
+            let Some(c) = st.channels.get_mut(&seq) else {
+                return Err((st, NtStatus::INVALID_DEVICE_STATE));
+            };
+            let save_cb = c.save_packet;
+            let Some(ctx) = c.save.as_mut() else {
+                return Err((st, NtStatus::INVALID_DEVICE_STATE));
+            };
+            match ctx.stage {
+                SaveStage::Done => return Ok(st),
+                SaveStage::Begin => {
+                    ctx.pending = Some((container::encode_unit(&Unit::Begin), false));
+                    ctx.stage = SaveStage::Packets;
+                    return Ok(st);
+                }
+                SaveStage::Packets => {}
+            }
+            let session = ctx.session;
+            let Some(pseq) = ctx.queue.pop_front() else {
+                let packets = ctx.packets_saved;
+                ctx.pending = Some((container::encode_unit(&Unit::End { packets }), true));
+                ctx.stage = SaveStage::Done;
+                return Ok(st);
+            };
+            // Snapshot the library state of this packet, unless it is no longer saveable.
+            let Some(p) = st.packets.get(&pseq) else {
+                continue;
+            };
+            let location = match p.state {
+                PacketState::Idle if self.config.save_unsent_packets && p.txid == 0 => {
+                    Location::Idle
+                }
+                PacketState::Idle => continue,
+                PacketState::Queued => Location::HostQueue,
+                PacketState::Sent => {
+                    let in_ring = st.channels.get(&seq).is_some_and(|c| match &c.link {
+                        Link::Bound(g) => g.memory().ring.iter().any(|e| e.txid == Some(p.txid)),
+                        _ => false,
+                    });
+                    if in_ring {
+                        Location::Ring
+                    } else {
+                        Location::Delivered
+                    }
+                }
+            };
+            let lib = LibState {
+                location,
+                txid: p.txid,
+                flags: p.flags,
+                session,
+                payload: p.payload.clone(),
+            };
+            let ch_handle = self.handle(seq, Kind::Channel);
+            let pkt_handle = self.handle(pseq, Kind::Packet);
+            drop(st);
+            let result = self.save_packet_protocol(save_cb, ch_handle, pkt_handle);
+            st = self.lock();
+            let (driver, driver_alloc) = match result {
+                Ok(saved) => saved,
+                Err(status) => return Err((st, status)),
+            };
+            let Some(ctx) = st.channels.get_mut(&seq).and_then(|c| c.save.as_mut()) else {
+                return Err((st, NtStatus::INVALID_DEVICE_STATE));
+            };
+            ctx.packets_saved = ctx.packets_saved.saturating_add(1);
+            ctx.pending = Some((
+                container::encode_unit(&Unit::Packet {
+                    lib: container::encode_lib(&lib),
+                    driver,
+                    driver_alloc,
+                }),
+                false,
+            ));
+            return Ok(st);
+        }
+    }
+
+    /// The two-call save-packet protocol (docs/kmcl-bindings.md §R4). Runs without the lock.
+    fn save_packet_protocol(
+        &self,
+        cb: PFN_VMB_CHANNEL_SAVE_PACKET,
+        ch: usize,
+        pkt: usize,
+    ) -> Result<(Vec<u8>, u32), NtStatus> {
+        let call = Some(KmclCall::ChannelSaveContinue);
+        let Some(cb) = cb else {
+            self.lock().violation(
+                ViolationKind::WrongState,
+                call,
+                "packets to save but no save callback registered \
+                 (VmbServerChannelInitSetSaveRestorePacketCallbacks)",
+            );
+            return Ok((Vec::new(), 0));
+        };
+        let mut needed: u32 = 0;
+        let status = crate::invoke::save_packet(self.id, cb, ch, pkt, None, &mut needed);
+        if status.is_success() {
+            if needed != 0 {
+                self.lock().violation(
+                    ViolationKind::SaveCallbackProtocol,
+                    call,
+                    format!("size probe returned success but BytesNeeded = {needed}"),
+                );
+            }
+            return Ok((Vec::new(), 0));
+        }
+        if needed == 0 {
+            self.lock().violation(
+                ViolationKind::SaveCallbackProtocol,
+                call,
+                format!("size probe failed ({status:?}) without setting BytesNeeded"),
+            );
+            return Err(status);
+        }
+        if needed > self.config.max_save_bytes_per_packet {
+            self.lock().violation(
+                ViolationKind::SaveCallbackProtocol,
+                call,
+                format!("BytesNeeded = {needed} exceeds the simulator's limit"),
+            );
+            return Err(NtStatus::INSUFFICIENT_RESOURCES);
+        }
+        let alloc = needed.saturating_add(self.config.save_buffer_slack);
+        let mut buffer = std::vec![0xCCu8; alloc as usize];
+        let mut needed_again = needed;
+        let status =
+            crate::invoke::save_packet(self.id, cb, ch, pkt, Some(&mut buffer), &mut needed_again);
+        if !status.is_success() {
+            self.lock().violation(
+                ViolationKind::SaveCallbackProtocol,
+                call,
+                format!(
+                    "second save call (buffer of {alloc} >= {needed} bytes) failed: {status:?}"
+                ),
+            );
+            return Err(status);
+        }
+        if needed_again > alloc {
+            self.lock().violation(
+                ViolationKind::SaveCallbackProtocol,
+                call,
+                format!("second save call set BytesNeeded = {needed_again} > buffer size {alloc}"),
+            );
+        }
+        // The buffer is `_Out_writes_bytes_(SaveBufSize)`: the callback may write all of it (vmbsrv
+        // zeroes the slack so no stale pool bytes survive). The library keeps the `needed` bytes
+        // the probe asked for; the 0xCC pre-fill makes a callback that leaves part of those
+        // unwritten visible to the driver's own decoder at restore time.
+        buffer.truncate(needed as usize);
+        Ok((buffer, alloc))
+    }
+}
