@@ -260,20 +260,20 @@ pub enum PacketFailReading {
 /// point; each field says what the other reading does.
 #[derive(Clone, Debug)]
 pub struct SimConfig {
-    /// §7.4 — state required by `VmbChannelSaveBegin`.
+    /// Undocumented point (docs/kmcl-bindings.md) — state required by `VmbChannelSaveBegin`.
     pub save_requires: SaveRequires,
-    /// §7.6 — incoming packets outstanding at `VmbChannelSaveBegin`.
+    /// Undocumented point (docs/kmcl-bindings.md) — incoming packets outstanding at `VmbChannelSaveBegin`.
     pub incoming_at_save: IncomingAtSave,
-    /// §7.4 — when a restore is accepted.
+    /// Undocumented point (docs/kmcl-bindings.md) — when a restore is accepted.
     pub restore_timing: RestoreTiming,
-    /// §7.5 — `SaveBufSize` passed to the restore callback.
+    /// Undocumented point (docs/kmcl-bindings.md) — `SaveBufSize` passed to the restore callback.
     pub restore_save_buf_size: RestoreSaveBufSize,
     /// Whether packet objects allocated but never sent are presented to the save callback
     /// (default `false`: only packets the library owns, i.e. in flight, are saved). If `true`,
     /// such a packet is saved as "idle" and `VmbPacketRestore` gives back an idle packet the
     /// driver owns.
     pub save_unsent_packets: bool,
-    /// §7.7 — routine/pointer of restored packets.
+    /// Undocumented point (docs/kmcl-bindings.md) — routine/pointer of restored packets.
     pub restored_packet_context: RestoredPacketContext,
     /// Packet objects per channel (`VmbPacketAllocate` returns NULL beyond it). Default 64.
     pub packet_pool_size: usize,
@@ -299,15 +299,15 @@ pub struct SimConfig {
     /// who also re-sealed the library's own container, so only the driver's validation stands
     /// between the bytes and the kernel. `None` (default) hands them back unchanged.
     pub tamper_driver_bytes: Option<fn(u64, &mut Vec<u8>)>,
-    /// §0.1 — `VmbChannelDisable` on a never-enabled channel holding restored packets.
+    /// Undocumented point (docs/kmcl-bindings.md) — `VmbChannelDisable` on a never-enabled channel holding restored packets.
     pub disable_restored: DisableRestored,
-    /// §0.1 — what `VmbChannelPause` waits for.
+    /// Undocumented point (docs/kmcl-bindings.md) — what `VmbChannelPause` waits for.
     pub pause_waits: PauseWaits,
-    /// §0.1 — `VmbPacketSend` against `EvtChannelSuspend`.
+    /// Undocumented point (docs/kmcl-bindings.md) — `VmbPacketSend` against `EvtChannelSuspend`.
     pub send_vs_suspend: SendVsSuspend,
-    /// §0.1 — guest completions while the channel is paused.
+    /// Undocumented point (docs/kmcl-bindings.md) — guest completions while the channel is paused.
     pub completions_while_paused: CompletionsWhilePaused,
-    /// §0.1 — `VmbChannelPacketFail`.
+    /// Undocumented point (docs/kmcl-bindings.md) — `VmbChannelPacketFail`.
     pub packet_fail: PacketFailReading,
     /// Who runs the simulated KMCL work: worker threads (default) or, in deterministic mode, the
     /// thread that waits for it, in an order drawn from a seed (docs/simulator.md,

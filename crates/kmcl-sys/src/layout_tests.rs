@@ -173,7 +173,7 @@ const CLIENT_OFFSETS: [(usize, usize); 41] = [
     ),
 ];
 
-/// Every server-only slot with its offset inside `KMCL_SERVER_INTERFACE_V1` (§1.4).
+/// Every server-only slot with its offset inside `KMCL_SERVER_INTERFACE_V1` (docs/kmcl-bindings.md, Layout).
 const SERVER_OFFSETS: [(usize, usize); 14] = [
     (
         offset_of!(KMCL_SERVER_ONLY_METHODS, VmbChannelMapGpadl),

@@ -71,7 +71,7 @@ impl Shared {
             st.violation(
                 ViolationKind::DeferNotInline,
                 Some(call),
-                "only allowed inline from the process-packet callback of that packet (§2.4)",
+                "only allowed inline from the process-packet callback of that packet (docs/kmcl-bindings.md §R3)",
             );
             return;
         }
@@ -289,7 +289,7 @@ impl Shared {
             // does without waiting in that callback (which deadlocks if the library serializes
             // sends against it), so one send per thread may cross the suspend: it is refused.
             // A thread that sends again after that refusal started a new send after the
-            // suspend: the violation (§3.1).
+            // suspend: the violation (docs/kmcl-bindings.md §R2).
             let thread = std::thread::current().id();
             let generation = c.suspend_generation;
             let c = st.channels.get_mut(&ch);
@@ -309,7 +309,7 @@ impl Shared {
                     ViolationKind::SendWhileSuspended,
                     Some(call),
                     "send after EvtChannelSuspend, before the next EvtChannelStarted, from a \
-                     thread whose earlier late send was already refused (§3.1)",
+                     thread whose earlier late send was already refused (docs/kmcl-bindings.md §R2)",
                 );
             }
             return NtStatus::INVALID_DEVICE_STATE;
@@ -355,7 +355,7 @@ impl Shared {
             st.violation(
                 ViolationKind::WrongState,
                 Some(call),
-                "packets are not flowing (use it from EvtChannelPostStarted on, §2.5)",
+                "packets are not flowing (use it from EvtChannelPostStarted on, docs/kmcl-bindings.md §R3)",
             );
             return NtStatus::INVALID_DEVICE_STATE;
         }

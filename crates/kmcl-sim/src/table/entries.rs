@@ -292,7 +292,7 @@ client {
                 bad_argument(
                     &shared,
                     call,
-                    "the host may only call it with *Timeout == 0 and without WAIT_FOR_COMPLETION (§2.5)",
+                    "the host may only call it with *Timeout == 0 and without WAIT_FOR_COMPLETION (docs/kmcl-bindings.md §R3)",
                 );
                 return NtStatus::NOT_SUPPORTED;
             }
