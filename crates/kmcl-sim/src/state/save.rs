@@ -34,7 +34,7 @@ impl Shared {
             st.violation(
                 ViolationKind::WrongState,
                 Some(call),
-                "save of a running channel (SimConfig::save_requires = Paused, docs/kmcl-bindings.md "Undocumented points")",
+                "save of a running channel (SimConfig::save_requires = Paused, docs/kmcl-bindings.md, Undocumented points)",
             );
             return NtStatus::INVALID_DEVICE_STATE;
         }
