@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use kmcl_sim::{Kmcl, SimConfig};
 use vmbsrv::kmcl::NtStatus;
+use vmbsrv::vsp::{Outcome, OutcomeKind, VspChannel};
 use vmbsrv_testkit::MigrationConfig;
 use vmbsrv_testkit::migration::Lock;
-use kmcl_sim::{Kmcl, SimConfig};
-use vmbsrv::vsp::{Outcome, OutcomeKind, VspChannel};
 
 /// The in-flight limit of every fuzzed channel: small, so that "full" is reachable.
 pub(crate) const IN_FLIGHT: u32 = 8;

@@ -17,18 +17,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use inputs::ControlStep;
+use kmcl_sim::{Guest, Kmcl, KmclCall, SimConfig, SimSpinLock, ViolationKind};
 use libfuzzer_sys::fuzz_target;
 use vmbsrv::kmcl::{NtStatus, ParentDevice, Result, ServerInterface, VmbusHandle};
-use vmbsrv_testkit::MigrationConfig;
-use vmbsrv_testkit::migration::{
-    Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, query_server_interface,
-};
-use kmcl_sim::{Guest, Kmcl, KmclCall, SimConfig, SimSpinLock, ViolationKind};
 use vmbsrv::vsp::control::wire::{self, CREATE_MODE_START, OUTCOME_ENTRY_LEN};
 use vmbsrv::vsp::control::{
     CONTROL_VERSION, ChannelRegistry, ChannelTable, ControlEnvironment, ControlOp, OwnerId,
 };
 use vmbsrv::vsp::protocol::{self, Kind};
+use vmbsrv_testkit::MigrationConfig;
+use vmbsrv_testkit::migration::{
+    Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, query_server_interface,
+};
 
 type Registry<'i> = ChannelRegistry<'i, Lock, SimSpinLock<ChannelTable<'i, Lock>>>;
 

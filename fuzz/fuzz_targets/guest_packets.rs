@@ -17,16 +17,16 @@ mod inputs;
 
 use harness::{IN_FLIGHT, MAX_MESSAGE, Outcomes};
 use inputs::GuestOp;
+use kmcl_sim::{Guest, Kmcl};
 use libfuzzer_sys::fuzz_target;
 use vmbsrv::kmcl::NtStatus;
 use vmbsrv::saved::crc32c;
+use vmbsrv::vsp::protocol::{self, Kind};
+use vmbsrv::vsp::{Phase, PostRequest, VspChannel};
 use vmbsrv_testkit::GuestModel;
 use vmbsrv_testkit::migration::{
     Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
 };
-use kmcl_sim::{Guest, Kmcl};
-use vmbsrv::vsp::protocol::{self, Kind};
-use vmbsrv::vsp::{Phase, PostRequest, VspChannel};
 
 /// Steps per input: enough to fill the channel and drain it a few times.
 const MAX_STEPS: usize = 48;
