@@ -56,14 +56,17 @@ use crate::kmcl::{NtStatus, ParentDevice, VmbusHandle};
 use crate::vsp::control::{ChannelRegistry, ChannelTable};
 use crate::vsp::table::DeliveryTable;
 
-/// The device interface class of vmbsrv's control interface: {1C4356BF-8309-406C-BC89-651208E3C2C1}
-/// (a fresh random GUID, `uuid4`, owned by vmbsrv; documented in docs/windows.md). Host tools open
-/// the device with `CM_Get_Device_Interface_List` / `SetupDiGetClassDevs(DIGCF_DEVICEINTERFACE)`.
-pub(super) static GUID_DEVINTERFACE_VMBSRV_CONTROL: GUID = GUID {
-    Data1: 0x1C43_56BF,
-    Data2: 0x8309,
-    Data3: 0x406C,
-    Data4: [0xBC, 0x89, 0x65, 0x12, 0x08, 0xE3, 0xC2, 0xC1],
+/// The device interface class of vmbsrv's control interface (defined once, platform-neutral, in
+/// [`crate::vsp::control::GUID_DEVINTERFACE_VMBSRV_CONTROL`], which host tools share). A `static`
+/// here because the WDF call takes its address.
+pub(super) static GUID_DEVINTERFACE_VMBSRV_CONTROL: GUID = {
+    let shared = crate::vsp::control::GUID_DEVINTERFACE_VMBSRV_CONTROL;
+    GUID {
+        Data1: shared.Data1,
+        Data2: shared.Data2,
+        Data3: shared.Data3,
+        Data4: shared.Data4,
+    }
 };
 
 /// Most channels one vmbsrv device holds (the registry allocates all its slots up front: about

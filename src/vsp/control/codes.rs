@@ -9,6 +9,17 @@
 
 use super::wire;
 
+/// The device interface class of vmbsrv's control interface: {1C4356BF-8309-406C-BC89-651208E3C2C1}
+/// (a fresh random GUID, `uuid4`, owned by vmbsrv; documented in docs/windows.md). The driver
+/// registers it (`src/driver/device.rs`); host tools find the device with
+/// `CM_Get_Device_Interface_List` / `SetupDiGetClassDevs(DIGCF_DEVICEINTERFACE)`.
+pub const GUID_DEVINTERFACE_VMBSRV_CONTROL: crate::kmcl::raw::GUID = crate::kmcl::raw::GUID {
+    Data1: 0x1C43_56BF,
+    Data2: 0x8309,
+    Data3: 0x406C,
+    Data4: [0xBC, 0x89, 0x65, 0x12, 0x08, 0xE3, 0xC2, 0xC1],
+};
+
 /// The vmbsrv device type (vendor range `0x8000..=0xFFFF`).
 pub const FILE_DEVICE_VMBSRV: u32 = 0xA7B5;
 /// `METHOD_BUFFERED`: the I/O manager copies input and output through one system buffer.
