@@ -34,7 +34,8 @@ pub struct Error {
 }
 
 impl Error {
-    pub(crate) fn new(
+    /// An error of `failure` kind for `op` with `status` and a message.
+    pub fn new(
         op: Option<ControlOp>,
         failure: Failure,
         status: NtStatus,
@@ -143,6 +144,13 @@ fn explain_operation(op: ControlOp, status: NtStatus) -> String {
             ControlOp::CreateChannel => "the registry is full".into(),
             _ => "max_in_flight reached: fetch outcomes first".into(),
         },
+        NtStatus::INVALID_PARAMETER | NtStatus::INVALID_PARAMETER_1
+            if op == ControlOp::CreateChannel =>
+        {
+            "the VMBus handle could not be converted: it must be a VMBus handle valid in the \
+             calling process, which only the VM's worker process holds (docs/control.md §10)"
+                .into()
+        }
         NtStatus::INVALID_BUFFER_SIZE => "the message is longer than the channel allows".into(),
         NtStatus::DATA_ERROR => "the saved state failed verification".into(),
         NtStatus::IO_TIMEOUT => "the channel did not settle within the bounded wait".into(),

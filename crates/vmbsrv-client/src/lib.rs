@@ -60,3 +60,24 @@ pub enum IoctlError {
         message: String,
     },
 }
+
+/// A GUID in its Windows in-memory form (vmbsrv's KMCL binding type).
+pub use vmbsrv::kmcl::raw::GUID as Guid;
+
+/// The channel interface type vmbsrvctl offers by default: the test value of the simulator
+/// scenarios (`vmbsrv_testkit::migration::SCENARIO_INTERFACE_TYPE`, checked equal by a test), which
+/// the simulated guest binds to. Not a product interface.
+pub const TEST_INTERFACE_TYPE: Guid = Guid {
+    Data1: 0x7673_6d62,
+    Data2: 0x0001,
+    Data3: 0x4000,
+    Data4: *b"vmbsrvT1",
+};
+
+/// The channel instance vmbsrvctl offers by default (the scenarios' `SCENARIO_INSTANCE`).
+pub const TEST_INSTANCE: Guid = Guid {
+    Data1: 0x7673_6d62,
+    Data2: 0x0002,
+    Data3: 0x4000,
+    Data4: *b"vmbsrvI1",
+};

@@ -259,6 +259,10 @@ pub fn demo_payload(tag: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Where [`run_demo`] keeps the stream between the hosts: takes the saved bytes, returns the bytes
+/// to restore.
+pub type StoreFn<'a> = dyn FnMut(&[u8]) -> Result<Vec<u8>, Error> + 'a;
+
 /// What [`run_demo`] did.
 #[derive(Debug, Clone, Serialize)]
 pub struct DemoReport {
@@ -286,6 +290,8 @@ pub struct DemoReport {
     pub duplicates: u64,
     /// Posts with no final outcome.
     pub lost: u64,
+    /// Deliveries whose payload or tag differed from the post.
+    pub corrupted: u64,
     /// Exactly once: every post delivered once, none lost, none duplicated.
     pub exactly_once: bool,
     /// The ledger's full verdict, for humans.
@@ -295,10 +301,13 @@ pub struct DemoReport {
 /// The demo: create a channel on simulated host A, post a burst, let the guest acknowledge part
 /// of it, save the channel (the VM paused) into a save stream, hand the in-flight deliveries over,
 /// restore the stream into a new channel on simulated host B, finish the traffic there, and check
-/// exactly-once with the ledger. Returns the stream (for a file) and the report.
+/// exactly-once with the ledger. The stream goes through `store` on its way from A to B (the CLI
+/// writes it to a file and reads the file back; tests may damage it). Returns the stream as saved
+/// and the report.
 pub fn run_demo(
     burst: u64,
     ack_before_save: u64,
+    store: &mut StoreFn<'_>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Vec<u8>, DemoReport), Error> {
     let burst = burst.clamp(1, 4096);
@@ -338,7 +347,8 @@ pub fn run_demo(
     // Destination.
     let mut b = Client::new(SimHost::new()?);
     let destination = b.create(&sim_channel_config(CreateMode::ForRestore, max_in_flight))?;
-    b.restore_stream(destination, &stream, progress)?;
+    let stored = store(&stream)?;
+    b.restore_stream(destination, &stored, progress)?;
     guest.attach(b.transport())?;
     b.transport().wait_idle();
     let more = 2u64;
@@ -376,6 +386,7 @@ pub fn run_demo(
         delivered: verdict.delivered,
         duplicates: verdict.duplicated,
         lost: verdict.lost,
+        corrupted: verdict.corrupted,
         exactly_once: verdict.is_clean() && verdict.delivered == burst + more,
         verdict: format!("{verdict:?}"),
     };
@@ -388,4 +399,13 @@ pub fn trace_id(tag: u64) -> [u8; 16] {
     id[..8].copy_from_slice(b"vmbsrvTR");
     id[8..].copy_from_slice(&tag.to_be_bytes());
     id
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_default_guids_are_the_scenario_guids() {
+        assert_eq!(crate::TEST_INTERFACE_TYPE, super::SCENARIO_INTERFACE_TYPE);
+        assert_eq!(crate::TEST_INSTANCE, super::SCENARIO_INSTANCE);
+    }
 }

@@ -112,7 +112,7 @@ fn a_malformed_request_fails_the_ioctl_with_its_status() {
 
 #[test]
 fn save_to_a_file_and_restore_into_a_new_host_exactly_once() {
-    let (stream, report) = run_demo(12, 4, &mut |_| {}).unwrap();
+    let (stream, report) = run_demo(12, 4, &mut |s| Ok(s.to_vec()), &mut |_| {}).unwrap();
     assert!(report.exactly_once, "{report:?}");
     assert_eq!(report.migrated, 8);
     assert_eq!(report.restored_deliveries, 8);
@@ -136,7 +136,7 @@ fn save_to_a_file_and_restore_into_a_new_host_exactly_once() {
 
 #[test]
 fn a_damaged_stream_is_refused_by_restore_before_anything_is_sent() {
-    let (mut stream, _) = run_demo(4, 0, &mut |_| {}).unwrap();
+    let (mut stream, _) = run_demo(4, 0, &mut |s| Ok(s.to_vec()), &mut |_| {}).unwrap();
     let last = stream.len() - 20;
     stream[last] ^= 0x40;
     let mut client = host();
