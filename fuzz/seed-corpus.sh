@@ -17,3 +17,13 @@ for f in "$golden"/*.bin; do
     { printf "$mode"; cat "$f"; } > "$corpus/sealed_$name"
 done
 echo "seeded $(ls "$corpus" | wc -l) inputs into $corpus"
+
+# The inspector of `vmbsrvctl inspect`: a real save stream (vmbsrvctl --sim demo) and the
+# format's golden streams.
+inspect_corpus="$here/corpus/inspect"
+mkdir -p "$inspect_corpus"
+cp "$here/../crates/vmbsrvctl/tests/fixtures/demo.vbss" "$inspect_corpus/demo"
+for f in "$golden"/stream_*.bin; do
+    [ -e "$f" ] && cp "$f" "$inspect_corpus/$(basename "$f" .bin)"
+done
+echo "seeded $(ls "$inspect_corpus" | wc -l) inputs into $inspect_corpus"

@@ -23,7 +23,7 @@ if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [ "$seconds" -lt 1 ]; then
 fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
-read -r -a targets <<<"${FUZZ_TARGETS:-decode_saved guest_packets control_ioctl restore_e2e}"
+read -r -a targets <<<"${FUZZ_TARGETS:-decode_saved guest_packets control_ioctl restore_e2e inspect}"
 logs="${FUZZ_LOG_DIR:-$root/target/fuzz-logs}"
 mkdir -p "$logs"
 
