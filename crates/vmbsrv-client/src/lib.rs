@@ -2,10 +2,10 @@
 //!
 //! [`Client`] sends every control request as typed calls over a [`Transport`]:
 //!
-//! * [`windows::DeviceTransport`] (Windows only): `DeviceIoControl` on the vmbsrv control device,
+//! * `windows::DeviceTransport` (Windows only): `DeviceIoControl` on the vmbsrv control device,
 //!   found through its device interface class
 //!   [`GUID_DEVINTERFACE_VMBSRV_CONTROL`](vmbsrv::vsp::control::GUID_DEVINTERFACE_VMBSRV_CONTROL).
-//! * [`sim::SimTransport`] (feature `sim`, any platform): vmbsrv's own dispatcher
+//! * [`sim::SimHost`] (feature `sim`, any platform): vmbsrv's own dispatcher
 //!   (`ChannelRegistry::dispatch`) over the KMCL simulator with a guest that speaks the vmbsrv
 //!   protocol, the path `tests/control_e2e.rs` drives.
 //!
