@@ -745,18 +745,30 @@ impl<'o> Session<'o> {
     ) -> Outcome {
         let stream =
             fs::read(from).map_err(|e| failed(exit::IO, format!("{}: {e}", from.display())))?;
-        let id = match channel {
-            Some(c) => self.channel(Some(c))?,
+        let (id, created) = match channel {
+            Some(c) => (self.channel(Some(c))?, false),
             None => {
                 self.create(0, max_in_flight, max_message_len, true, true)?;
-                self.channel(Some(ChannelRef::Last))?
+                (self.channel(Some(ChannelRef::Last))?, true)
             }
         };
         let mut bar = ProgressBar::new(self.progress && !self.json, "restoring");
-        let report = self
+        let restored = self
             .client
-            .restore_stream(id, &stream, &mut |p| bar.update(p))?;
+            .restore_stream(id, &stream, &mut |p| bar.update(p));
         bar.finish();
+        let report = match restored {
+            Ok(report) => report,
+            Err(e) => {
+                // docs/control.md §6: on any failure, destroy the channel (rebuilt deliveries come
+                // back Migrated; the file is not consumed and can be replayed).
+                if created {
+                    let _ = self.client.destroy(id);
+                    self.last = None;
+                }
+                return Err(e.into());
+            }
+        };
         // --sim: the VM resumes on this host.
         self.sim_guest(true)?;
         self.print(

@@ -302,3 +302,32 @@ destroy --channel last
     assert_eq!(code(&out), 1);
     assert!(stderr(&out).contains("line 2:"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_failed_restore_destroys_the_channel_it_created() {
+    let dir = scratch("failed-restore");
+    let mut bytes = std::fs::read(package().join("tests/fixtures/demo.vbss")).unwrap();
+    bytes[330] ^= 1;
+    std::fs::write(dir.join("damaged.vbss"), &bytes).unwrap();
+    let out = vmbsrvctl(&["--sim", "restore", "--from", "@damaged.vbss"], &dir);
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("STATUS_DATA_ERROR"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Over one handle: the channel the restore created is gone again.
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut session = crate::Session::open(true, false, false, &mut out, &mut err)
+        .unwrap_or_else(|_| panic!("simulated session"));
+    let restore = crate::Command::Restore {
+        from: dir.join("damaged.vbss"),
+        channel: None,
+        max_in_flight: 64,
+        max_message_len: 4096,
+    };
+    assert!(session.run(restore).is_err());
+    assert_eq!(session.client.info().unwrap().channels_in_use, 0);
+    assert!(session.last.is_none());
+}
