@@ -600,16 +600,16 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
     pub fn disable(&self) -> Result<()> {
         let _guard = self.control()?;
         let phase = self.vsp().phase();
+        let restored_never_ran = matches!(
+            phase,
+            Phase::Restoring | Phase::RestoreFailed | Phase::Restored
+        );
         self.vsp().table.with(|table| {
             // Deliveries a blob still carries end where the blob is restored, not here: those of
             // a restore that failed or was never started (the blob may be replayed), and those
             // of a complete save that was never resumed (the blob is their only copy now). They
             // come back `Migrated`, never `Cancelled`, so a client never re-posts what the blob
             // will deliver (docs/control.md, "Restore at most once").
-            let restored_never_ran = matches!(
-                phase,
-                Phase::Restoring | Phase::RestoreFailed | Phase::Restored
-            );
             if restored_never_ran || (phase == Phase::Saved && table.save.is_complete()) {
                 table.migrated = true;
             }
@@ -623,15 +623,21 @@ impl<'a, L: DispatchLock<DeliveryTable>> VspChannel<'a, L> {
         // On a channel that never ran (restored into, or enabled for a restore and never
         // started) Disable may return before handing the restored packets back, or never hand
         // them back (undocumented; docs/kmcl-bindings.md). Wait a bounded time, then settle what
-        // is left (as handed over, above): the guest never saw those packets here. The packets themselves
-        // stay counted until KMCL returns them, so teardown never frees what KMCL can reach.
-        let vsp = self.vsp();
-        let mut rounds = 0;
-        while vsp.table.with(|table| table.in_flight()) != 0 && rounds < RETURN_WAIT_ROUNDS {
-            L::relax();
-            rounds += 1;
+        // is left (as handed over, above): the guest never saw those packets here. The packets
+        // themselves stay counted until KMCL returns them, so teardown never frees what KMCL can
+        // reach.
+        // Only such a channel: on one that ran, Disable hands every packet back, and a slot
+        // still occupied there can belong to a post whose send is under way — settling it here
+        // would end a delivery the failing post also reports.
+        if restored_never_ran {
+            let vsp = self.vsp();
+            let mut rounds = 0;
+            while vsp.table.with(|table| table.in_flight()) != 0 && rounds < RETURN_WAIT_ROUNDS {
+                L::relax();
+                rounds += 1;
+            }
+            vsp.table.with(|table| table.abandon_unreturned());
         }
-        vsp.table.with(|table| table.abandon_unreturned());
         if self.vsp().phase() != Phase::Migrated {
             self.vsp().set_phase(Phase::Disabled);
         }
