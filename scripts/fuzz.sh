@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target of fuzz/ for SECONDS each (default 60), one after the other.
+# Runs every cargo-fuzz target of fuzz/: a short run each (CI), or a long campaign.
 #
-#   scripts/fuzz.sh [SECONDS]
+#   scripts/fuzz.sh [SECONDS]                       # SECONDS (default 60) wall time per target, in turn
 #   FUZZ_TARGETS="decode_saved restore_e2e" scripts/fuzz.sh 30     # a subset
+#   scripts/fuzz.sh --campaign CPU_SECONDS [--lanes N] [--no-build]
+#
+# Campaign mode is for long runs (hours). Each target fuzzes until its fuzzer process has used
+# CPU_SECONDS of CPU time (user + system, read from /proc; wall time depends on what else the
+# machine runs), N targets at a time (default 2) at `nice 19`, so the machine stays usable. A
+# crash does not end a target's campaign: the artifact is kept, counted, and the target restarts
+# on the remaining budget (at most 10 crashes per target). At the end each corpus is minimized
+# with libFuzzer's `-merge=1` (same coverage, fewer inputs), and one line per target goes to
+# $FUZZ_LOG_DIR/campaign.tsv: commit, CPU s, wall s, executions, exec/s, cov, ft, corpus before
+# and after minimizing, crashes. `--no-build` reuses the binaries already in fuzz/target.
 #
 # 1. Seeds the corpora (fuzz/corpus/<target>/, gitignored): the golden blobs for decode_saved
 #    (fuzz/seed-corpus.sh) and real runs of the driver over the simulator for every target
@@ -16,9 +26,21 @@
 # 1 on any crash, 2 on a usage or build error. Logs: $FUZZ_LOG_DIR (default target/fuzz-logs).
 set -uo pipefail
 
-seconds="${1:-60}"
-if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [ "$seconds" -lt 1 ]; then
-    echo "usage: $0 [SECONDS >= 1]" >&2
+campaign=0
+lanes=2
+build=1
+seconds=60
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --campaign) campaign=1; seconds="${2:-}"; shift 2 || true ;;
+        --lanes) lanes="${2:-}"; shift 2 || true ;;
+        --no-build) build=0; shift ;;
+        *) seconds="$1"; shift ;;
+    esac
+done
+if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [ "$seconds" -lt 1 ] \
+    || ! [[ "$lanes" =~ ^[0-9]+$ ]] || [ "$lanes" -lt 1 ]; then
+    echo "usage: $0 [SECONDS >= 1] | $0 --campaign CPU_SECONDS [--lanes N] [--no-build]" >&2
     exit 2
 fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -37,21 +59,30 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
 fi
 
 started=$(date +%s)
-echo "== seeding corpora"
-fuzz/seed-corpus.sh || exit 2
-cargo test --quiet --test reliability_fuzz_seeds -- --ignored --nocapture \
-    || { echo "seed generation failed" >&2; exit 2; }
+if [ "$build" -eq 1 ]; then
+    echo "== seeding corpora"
+    fuzz/seed-corpus.sh || exit 2
+    cargo test --quiet --test reliability_fuzz_seeds -- --ignored --nocapture \
+        || { echo "seed generation failed" >&2; exit 2; }
 
-echo "== building ${#targets[@]} target(s)"
-(cd fuzz && for target in "${targets[@]}"; do cargo +nightly fuzz build -O "$target" || exit 1; done) \
-    >"$logs/build.log" 2>&1 \
-    || { cat "$logs/build.log" >&2; echo "fuzz build failed" >&2; exit 2; }
+    echo "== building ${#targets[@]} target(s)"
+    (cd fuzz && for target in "${targets[@]}"; do cargo +nightly fuzz build -O "$target" || exit 1; done) \
+        >"$logs/build.log" 2>&1 \
+        || { cat "$logs/build.log" >&2; echo "fuzz build failed" >&2; exit 2; }
+fi
 
 count_artifacts() {
     find "fuzz/artifacts/$1" -maxdepth 1 -type f \
         \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' -o -name 'oom-*' \) \
         2>/dev/null | wc -l
 }
+
+if [ "$campaign" -eq 1 ]; then
+    # shellcheck source=scripts/fuzz-campaign.inc.sh
+    source "$root/scripts/fuzz-campaign.inc.sh"
+    run_campaign "$seconds" "$lanes" "${targets[@]}"
+    exit $?
+fi
 
 failed=0
 summary=()
