@@ -241,6 +241,34 @@ fn channel(c: &mut criterion::Criterion) -> ChannelFigures {
     ChannelFigures { rows }
 }
 
+/// The machine-readable line of the channel part:
+/// `SUMMARY sim save_ns_per_packet=… restore_ns_per_packet=… linear_save=… linear_restore=…
+/// largest=N`. Per packet is the slope between 100 packets and the largest size this run has
+/// (65,536 in a full run, 10,000 in quick mode), as docs/performance.md §5 computes it; `linear_*`
+/// is ns/packet at the largest size over ns/packet at 100. Restore is the one-chunk restore (the
+/// §5 slope); the 64 KiB-chunk figures are in the table above. `-` when a point did not run.
+fn print_sim_summary(ch: &ChannelFigures) {
+    let small = ch.rows.iter().find(|r| r.packets == 100).copied();
+    let large = ch.rows.last().copied().filter(|r| r.packets > 100);
+    let fmt = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+    let slope = |pick: fn(&Row) -> Option<f64>| {
+        let (small, large) = (small?, large?);
+        Some((pick(&large)? - pick(&small)?) / f64::from(large.packets - small.packets))
+    };
+    let linear = |pick: fn(&Row) -> Option<f64>| {
+        let (small, large) = (small?, large?);
+        Some(per_packet(pick(&large), large.packets)? / per_packet(pick(&small), small.packets)?)
+    };
+    println!(
+        "SUMMARY sim save_ns_per_packet={} restore_ns_per_packet={} linear_save={} linear_restore={} largest={}",
+        fmt(slope(|r| r.save), 1),
+        fmt(slope(|r| r.restore_one_chunk), 1),
+        fmt(linear(|r| r.save), 3),
+        fmt(linear(|r| r.restore_one_chunk), 3),
+        large.map_or("-".to_owned(), |r| r.packets.to_string()),
+    );
+}
+
 fn per_packet(total: Option<f64>, packets: u32) -> Option<f64> {
     total.map(|t| t / f64::from(packets))
 }
@@ -329,5 +357,6 @@ fn main() {
     let cb = callbacks(&mut c);
     let ch = channel(&mut c);
     report(&cb, &ch);
+    print_sim_summary(&ch);
     c.final_summary();
 }

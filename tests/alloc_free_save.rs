@@ -395,16 +395,17 @@ fn real_callbacks_through_the_simulator() {
             driver.is_empty(),
             "the driver allocated during a save: {driver:#?}"
         );
-        // The save protocol ran on this thread: the simulator's per-packet save buffer (made
-        // right before the second callback call, which runs synchronously on the same thread).
+        // The save protocol ran on this thread: the simulator's save buffer, grown inside the
+        // protocol right before the first second-call (which runs synchronously on the same
+        // thread, as every packet's calls do: VmbChannelSaveContinue calls them in turn). The
+        // simulator reuses that buffer from packet to packet, so it allocates once per save, not
+        // once per packet (docs/performance.md §6); the packets' calls all run inside the traced
+        // `save_continue` calls on this thread, and the restore below rebuilds all PACKETS.
         let protocol = sites
             .iter()
             .filter(|s| s.stack.iter().any(|f| f.contains("save_packet_protocol")))
             .count();
-        assert!(
-            protocol >= PACKETS as usize,
-            "{protocol} < {PACKETS}: {sites:#?}"
-        );
+        assert!(protocol >= 1, "{protocol} < 1: {sites:#?}");
         let in_callback = sites.iter().filter(|s| s.in_callback).count();
         println!(
             "save of {PACKETS} packets: {} allocations on this thread, driver 0, simulator {} ({} inside callbacks)",

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use kmcl_sim::{Kmcl, SimConfig};
+use kmcl_sim::{Kmcl, Schedule, SimConfig};
 use vmbsrv::kmcl::NtStatus;
 use vmbsrv::vsp::{Outcome, OutcomeKind, VspChannel};
 use vmbsrv_testkit::MigrationConfig;
@@ -18,11 +18,27 @@ pub(crate) const MAX_MESSAGE: u32 = 64;
 
 /// Default simulator settings with room for the channel's packets and a short hang timeout, so a
 /// hang is reported (as a panic) well within libFuzzer's `-timeout`.
-pub(crate) fn sim_config() -> SimConfig {
+///
+/// The simulator runs in its deterministic mode (docs/simulator.md §3), seeded from the input:
+/// no worker threads to start, hand work to and join per input, and no sleeping waits — the
+/// thread that waits runs the KMCL work itself, at the same IRQLs, in the same callback frames,
+/// under the same contract checks. The schedule (which context runs first, how far each DPC step
+/// fills the ring) is drawn from the input's bytes, so an input replays exactly: a crash found
+/// here reproduces, and the fuzzer explores interleavings through the input. Races between real
+/// threads are the threaded mode's job (the default, used by most tests).
+pub(crate) fn sim_config(data: &[u8]) -> SimConfig {
     SimConfig {
         hang_timeout: Duration::from_secs(2),
+        schedule: Schedule::Deterministic { seed: seed(data) },
         ..MigrationConfig::sim_for(IN_FLIGHT)
     }
+}
+
+/// The schedule seed of an input: FNV-1a over its bytes.
+pub(crate) fn seed(data: &[u8]) -> u64 {
+    data.iter().fold(0xCBF2_9CE4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3)
+    })
 }
 
 /// Every outcome a channel recorded, by sequence number.

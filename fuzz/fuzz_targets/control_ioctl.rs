@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use inputs::ControlStep;
-use kmcl_sim::{Guest, Kmcl, KmclCall, SimConfig, SimSpinLock, ViolationKind};
+use kmcl_sim::{Guest, Kmcl, KmclCall, Schedule, SimConfig, SimSpinLock, ViolationKind};
 use libfuzzer_sys::fuzz_target;
 use vmbsrv::kmcl::{NtStatus, ParentDevice, Result, ServerInterface, VmbusHandle};
 use vmbsrv::vsp::control::wire::{self, CREATE_MODE_START, OUTCOME_ENTRY_LEN};
@@ -84,12 +84,24 @@ struct Tracked {
     ended: BTreeSet<u64>,
 }
 
+/// The schedule seed of an input: FNV-1a over its bytes (as `harness::seed`).
+fn seed_of(data: &[u8]) -> u64 {
+    data.iter().fold(0xCBF2_9CE4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3)
+    })
+}
+
 fn run(data: &[u8]) {
     let steps = inputs::decode_control_steps(data, MAX_STEPS);
     CONVERTED.store(0, Ordering::Relaxed);
     CLOSED.store(0, Ordering::Relaxed);
+    // The deterministic schedule seeded from the input, as every end-to-end target runs it
+    // (common/harness.rs, `sim_config`), with room for 64 packets per channel.
     let kmcl = Kmcl::new(SimConfig {
         hang_timeout: std::time::Duration::from_secs(2),
+        schedule: Schedule::Deterministic {
+            seed: seed_of(data),
+        },
         ..MigrationConfig::sim_for(64)
     });
     {

@@ -55,7 +55,7 @@ fn negotiate_request() -> Vec<u8> {
 
 fn run(data: &[u8]) {
     let steps = inputs::decode_guest_ops(data, MAX_STEPS);
-    let kmcl = Kmcl::new(harness::sim_config());
+    let kmcl = Kmcl::new(harness::sim_config(data));
     {
         let interface = query_server_interface(&kmcl).expect("interface");
         let guest = GuestModel::new(Guest::new(SCENARIO_INTERFACE_TYPE, SCENARIO_INSTANCE));

@@ -49,7 +49,7 @@ const REAL_IN_FLIGHT: u64 = 6;
 fn real_save() -> &'static RealSave {
     static SAVE: OnceLock<RealSave> = OnceLock::new();
     SAVE.get_or_init(|| {
-        let kmcl = Kmcl::new(harness::sim_config());
+        let kmcl = Kmcl::new(harness::sim_config(&[]));
         let stream = {
             let interface = query_server_interface(&kmcl).unwrap();
             let mut guest = GuestModel::new(Guest::new(SCENARIO_INTERFACE_TYPE, SCENARIO_INSTANCE));
@@ -165,7 +165,7 @@ fn run(data: &[u8]) {
         } else {
             RestoredPacketContext::KeepSetBeforeRestore
         },
-        ..harness::sim_config()
+        ..harness::sim_config(data)
     };
 
     let kmcl = Kmcl::new(config);

@@ -18,7 +18,7 @@ use std::vec::Vec;
 
 use kmcl::NtStatus;
 
-const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+use super::crc32c::{self, Crc32c};
 
 /// Chunk magic.
 const CHUNK_MAGIC: [u8; 8] = *b"VSIMSAVE";
@@ -56,7 +56,8 @@ impl Location {
     }
 }
 
-/// The library's per-packet state (the restore callback's `LibBuf`).
+/// The library's per-packet state (the restore callback's `LibBuf`), owned (tests).
+#[cfg(test)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct LibState {
     pub(crate) location: Location,
@@ -66,16 +67,26 @@ pub(crate) struct LibState {
     pub(crate) payload: Vec<u8>,
 }
 
-/// One unit of the stream.
+/// A decoded `LibBuf`, borrowing its payload from the bytes it was decoded from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LibView<'a> {
+    pub(crate) location: Location,
+    pub(crate) txid: u64,
+    pub(crate) flags: u32,
+    pub(crate) session: u64,
+    pub(crate) payload: &'a [u8],
+}
+
+/// One unit of the stream (a decoded packet unit borrows from the chunk bytes).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Unit {
+pub(crate) enum Unit<'a> {
     /// Start of a save.
     Begin,
     /// One packet: encoded [`LibState`], the driver's bytes, and the size of the buffer the second
     /// save call was given.
     Packet {
-        lib: Vec<u8>,
-        driver: Vec<u8>,
+        lib: &'a [u8],
+        driver: &'a [u8],
         driver_alloc: u32,
     },
     /// End of the save, with the number of packet units.
@@ -84,20 +95,14 @@ pub(crate) enum Unit {
 
 /// A decoded chunk.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Chunk {
+pub(crate) struct Chunk<'a> {
     pub(crate) index: u32,
     pub(crate) session: u64,
     pub(crate) last: bool,
-    pub(crate) units: Vec<Unit>,
+    pub(crate) units: Vec<Unit<'a>>,
 }
 
-fn put_u16(out: &mut Vec<u8>, v: u16) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
 fn put_u32(out: &mut Vec<u8>, v: u32) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
@@ -134,29 +139,66 @@ fn len_u32(n: usize) -> u32 {
 }
 
 /// Encodes a [`LibState`].
+#[cfg(test)]
 pub(crate) fn encode_lib(state: &LibState) -> Vec<u8> {
-    let mut out = Vec::with_capacity(LIB_HEADER_LEN + state.payload.len() + 4);
-    out.extend_from_slice(&LIB_MAGIC);
-    put_u16(&mut out, FORMAT_VERSION);
-    out.push(state.location as u8);
-    out.push(0);
-    put_u64(&mut out, state.txid);
-    put_u32(&mut out, state.flags);
-    put_u32(&mut out, len_u32(state.payload.len()));
-    put_u64(&mut out, state.session);
-    out.extend_from_slice(&state.payload);
-    let crc = CRC.checksum(&out);
-    put_u32(&mut out, crc);
+    let mut out = Vec::new();
+    encode_lib_into(
+        &mut out,
+        state.location,
+        state.txid,
+        state.flags,
+        state.session,
+        &state.payload,
+    );
     out
 }
 
-/// Decodes and validates a `LibBuf`.
+/// Appends an encoded `LibBuf` to `out`; returns its length.
+pub(crate) fn encode_lib_into(
+    out: &mut Vec<u8>,
+    location: Location,
+    txid: u64,
+    flags: u32,
+    session: u64,
+    payload: &[u8],
+) -> usize {
+    let start = out.len();
+    let mut header = [0u8; LIB_HEADER_LEN];
+    header[..4].copy_from_slice(&LIB_MAGIC);
+    header[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[6] = location as u8;
+    header[8..16].copy_from_slice(&txid.to_le_bytes());
+    header[16..20].copy_from_slice(&flags.to_le_bytes());
+    header[20..24].copy_from_slice(&len_u32(payload.len()).to_le_bytes());
+    header[24..32].copy_from_slice(&session.to_le_bytes());
+    let mut digest = Crc32c::new();
+    digest.update(&header);
+    digest.update(payload);
+    out.extend_from_slice(&header);
+    out.extend_from_slice(payload);
+    out.extend_from_slice(&digest.finish().to_le_bytes());
+    out.len() - start
+}
+
+/// Decodes and validates a `LibBuf` (owned copy; the simulator itself uses [`decode_lib_view`]).
+#[cfg(test)]
 pub(crate) fn decode_lib(bytes: &[u8]) -> Result<LibState, NtStatus> {
+    decode_lib_view(bytes).map(|v| LibState {
+        location: v.location,
+        txid: v.txid,
+        flags: v.flags,
+        session: v.session,
+        payload: v.payload.to_vec(),
+    })
+}
+
+/// Decodes and validates a `LibBuf`, borrowing the payload.
+pub(crate) fn decode_lib_view(bytes: &[u8]) -> Result<LibView<'_>, NtStatus> {
     let bad = NtStatus::INVALID_PARAMETER;
     let body_len = bytes.len().checked_sub(4).ok_or(bad)?;
     let (body, crc) = bytes.split_at(body_len);
     let crc = u32::from_le_bytes(crc.try_into().map_err(|_| bad)?);
-    if CRC.checksum(body) != crc {
+    if crc32c::checksum(body) != crc {
         return Err(NtStatus::DATA_ERROR);
     }
     let mut r = Reader { bytes: body };
@@ -172,11 +214,11 @@ pub(crate) fn decode_lib(bytes: &[u8]) -> Result<LibState, NtStatus> {
     let flags = r.u32().ok_or(bad)?;
     let payload_len = r.u32().ok_or(bad)? as usize;
     let session = r.u64().ok_or(bad)?;
-    let payload = r.take(payload_len).ok_or(bad)?.to_vec();
+    let payload = r.take(payload_len).ok_or(bad)?;
     if !r.bytes.is_empty() {
         return Err(bad);
     }
-    Ok(LibState {
+    Ok(LibView {
         location,
         txid,
         flags,
@@ -185,8 +227,39 @@ pub(crate) fn decode_lib(bytes: &[u8]) -> Result<LibState, NtStatus> {
     })
 }
 
+/// Appends the start of a packet unit to `out` (its header and sizes, to be completed by
+/// [`finish_packet_unit`] once the `LibBuf` and the driver's bytes follow); returns where the unit
+/// starts.
+pub(crate) fn start_packet_unit(out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[2, 0, 0, 0]);
+    out.extend_from_slice(&[0u8; 16]);
+    start
+}
+
+/// Completes the packet unit that starts at `start` in `out`, whose `LibBuf` of `lib_len` bytes
+/// was appended after [`start_packet_unit`]: appends the driver's bytes and fills in the sizes.
+pub(crate) fn finish_packet_unit(
+    out: &mut Vec<u8>,
+    start: usize,
+    lib_len: usize,
+    driver: &[u8],
+    driver_alloc: u32,
+) {
+    out.extend_from_slice(driver);
+    let body_len = out.len() - start - UNIT_HEADER_LEN;
+    let mut sizes = [0u8; 16];
+    sizes[..4].copy_from_slice(&len_u32(body_len).to_le_bytes());
+    sizes[4..8].copy_from_slice(&len_u32(lib_len).to_le_bytes());
+    sizes[8..12].copy_from_slice(&len_u32(driver.len()).to_le_bytes());
+    sizes[12..16].copy_from_slice(&driver_alloc.to_le_bytes());
+    if let Some(slot) = out.get_mut(start + 4..start + 20) {
+        slot.copy_from_slice(&sizes);
+    }
+}
+
 /// Encodes one unit (its header and body).
-pub(crate) fn encode_unit(unit: &Unit) -> Vec<u8> {
+pub(crate) fn encode_unit(unit: &Unit<'_>) -> Vec<u8> {
     let mut body = Vec::new();
     let kind = match unit {
         Unit::Begin => {
@@ -218,27 +291,37 @@ pub(crate) fn encode_unit(unit: &Unit) -> Vec<u8> {
     out
 }
 
-/// Writes a chunk (header + the already encoded `units`) into `out`, which must be exactly
+/// Writes a chunk (header + the already encoded `units`) into `out` (tests: the simulator
+/// assembles chunks from [`chunk_header`]), which must be exactly
 /// `CHUNK_HEADER_LEN + units.len()` bytes.
+#[cfg(test)]
 pub(crate) fn write_chunk(out: &mut [u8], index: u32, session: u64, last: bool, units: &[u8]) {
-    let mut header = Vec::with_capacity(CHUNK_HEADER_LEN);
-    header.extend_from_slice(&CHUNK_MAGIC);
-    put_u16(&mut header, FORMAT_VERSION);
-    put_u16(&mut header, if last { FLAG_LAST } else { 0 });
-    put_u32(&mut header, index);
-    put_u64(&mut header, session);
-    put_u32(&mut header, len_u32(units.len()));
-    put_u32(&mut header, 0);
-    let mut digest = CRC.digest();
+    let header = chunk_header(index, session, last, units);
+    let (head, body) = out.split_at_mut(CHUNK_HEADER_LEN.min(out.len()));
+    head.copy_from_slice(&header[..head.len()]);
+    let n = body.len().min(units.len());
+    body[..n].copy_from_slice(&units[..n]);
+}
+
+/// The header (checksum included) of a chunk whose body is `units`.
+pub(crate) fn chunk_header(
+    index: u32,
+    session: u64,
+    last: bool,
+    units: &[u8],
+) -> [u8; CHUNK_HEADER_LEN] {
+    let mut header = [0u8; CHUNK_HEADER_LEN];
+    header[..8].copy_from_slice(&CHUNK_MAGIC);
+    header[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[10..12].copy_from_slice(&(if last { FLAG_LAST } else { 0 }).to_le_bytes());
+    header[12..16].copy_from_slice(&index.to_le_bytes());
+    header[16..24].copy_from_slice(&session.to_le_bytes());
+    header[24..28].copy_from_slice(&len_u32(units.len()).to_le_bytes());
+    let mut digest = Crc32c::new();
     digest.update(&header);
     digest.update(units);
-    let crc = digest.finalize().to_le_bytes();
-    if let Some(slot) = header.get_mut(CHUNK_HEADER_LEN - 4..) {
-        slot.copy_from_slice(&crc);
-    }
-    for (dst, src) in out.iter_mut().zip(header.iter().chain(units.iter())) {
-        *dst = *src;
-    }
+    header[28..32].copy_from_slice(&digest.finish().to_le_bytes());
+    header
 }
 
 /// Decodes and validates one whole chunk (the exact bytes of one `VmbChannelSaveContinue` output).
@@ -246,7 +329,7 @@ pub(crate) fn write_chunk(out: &mut [u8], index: u32, session: u64, last: bool, 
 /// Errors: `STATUS_INVALID_PARAMETER` for framing (too short, wrong magic, a length that does not
 /// match the buffer — truncated or re-chunked input); `STATUS_REVISION_MISMATCH` for an unknown
 /// version; `STATUS_DATA_ERROR` for a checksum mismatch or malformed units.
-pub(crate) fn decode_chunk(bytes: &[u8]) -> Result<Chunk, NtStatus> {
+pub(crate) fn decode_chunk(bytes: &[u8]) -> Result<Chunk<'_>, NtStatus> {
     let bad = NtStatus::INVALID_PARAMETER;
     if bytes.len() < CHUNK_HEADER_LEN {
         return Err(bad);
@@ -265,11 +348,11 @@ pub(crate) fn decode_chunk(bytes: &[u8]) -> Result<Chunk, NtStatus> {
     if body_len != body.len() {
         return Err(bad);
     }
-    let mut digest = CRC.digest();
+    let mut digest = Crc32c::new();
     digest.update(header.get(..CHUNK_HEADER_LEN - 4).ok_or(bad)?);
     digest.update(&[0, 0, 0, 0]);
     digest.update(body);
-    if digest.finalize() != crc {
+    if digest.finish() != crc {
         return Err(NtStatus::DATA_ERROR);
     }
     if version != FORMAT_VERSION {
@@ -279,7 +362,7 @@ pub(crate) fn decode_chunk(bytes: &[u8]) -> Result<Chunk, NtStatus> {
         return Err(NtStatus::DATA_ERROR);
     }
     let corrupt = NtStatus::DATA_ERROR;
-    let mut units = Vec::new();
+    let mut units = Vec::with_capacity(body.len() / 128 + 2);
     let mut r = Reader { bytes: body };
     while !r.bytes.is_empty() {
         let kind = r.u8().ok_or(corrupt)?;
@@ -301,8 +384,8 @@ pub(crate) fn decode_chunk(bytes: &[u8]) -> Result<Chunk, NtStatus> {
                 let lib_len = u.u32().ok_or(corrupt)? as usize;
                 let drv_len = u.u32().ok_or(corrupt)? as usize;
                 let driver_alloc = u.u32().ok_or(corrupt)?;
-                let lib = u.take(lib_len).ok_or(corrupt)?.to_vec();
-                let driver = u.take(drv_len).ok_or(corrupt)?.to_vec();
+                let lib = u.take(lib_len).ok_or(corrupt)?;
+                let driver = u.take(drv_len).ok_or(corrupt)?;
                 if (driver_alloc as usize) < drv_len {
                     return Err(corrupt);
                 }
@@ -365,12 +448,29 @@ mod tests {
     }
 
     #[test]
+    fn a_packet_unit_built_in_place_is_the_encoded_unit() {
+        let payload = [7u8; 11];
+        let mut lib = Vec::new();
+        encode_lib_into(&mut lib, Location::Ring, 5, 1, 9, &payload);
+        let expected = encode_unit(&Unit::Packet {
+            lib: &lib,
+            driver: &[3, 4, 5],
+            driver_alloc: 35,
+        });
+        let mut out = vec![0xEE];
+        let start = start_packet_unit(&mut out);
+        let lib_len = encode_lib_into(&mut out, Location::Ring, 5, 1, 9, &payload);
+        finish_packet_unit(&mut out, start, lib_len, &[3, 4, 5], 35);
+        assert_eq!(&out[1..], &expected[..]);
+    }
+
+    #[test]
     fn chunk_round_trip() {
         let units = vec![
             Unit::Begin,
             Unit::Packet {
-                lib: vec![1; 5],
-                driver: vec![2; 3],
+                lib: &[1; 5],
+                driver: &[2; 3],
                 driver_alloc: 35,
             },
             Unit::End { packets: 1 },

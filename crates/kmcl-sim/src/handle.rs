@@ -99,6 +99,7 @@ pub(crate) fn next_instance_id() -> u32 {
 
 /// Makes an instance reachable from its handles.
 pub(crate) fn register(id: u32, shared: &Arc<Shared>) {
+    shared.registered.store(true, Ordering::Release);
     INSTANCES
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -107,19 +108,42 @@ pub(crate) fn register(id: u32, shared: &Arc<Shared>) {
 
 /// Removes an instance (its handles become unknown).
 pub(crate) fn unregister(id: u32) {
-    INSTANCES
+    let removed = INSTANCES
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .remove(&id);
+    if let Some(shared) = removed.as_ref().and_then(Weak::upgrade) {
+        shared.registered.store(false, Ordering::Release);
+    }
+}
+
+std::thread_local! {
+    /// The instance this thread looked up last: every table call resolves a handle, and a thread
+    /// almost always talks to one instance, so most lookups skip the global registry's lock.
+    static LAST: core::cell::RefCell<Option<(u32, Weak<Shared>)>> =
+        const { core::cell::RefCell::new(None) };
 }
 
 /// The live instance with this id.
 pub(crate) fn lookup(id: u32) -> Option<Arc<Shared>> {
-    INSTANCES
+    let cached = LAST.with(|last| match &*last.borrow() {
+        Some((last_id, weak)) if *last_id == id => Some(weak.upgrade()),
+        _ => None,
+    });
+    if let Some(found) = cached {
+        // A cached instance counts only while registered (`unregister` clears the flag), exactly
+        // as the registry would answer.
+        return found.filter(|shared| shared.registered.load(Ordering::Acquire));
+    }
+    let found = INSTANCES
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .get(&id)
-        .and_then(Weak::upgrade)
+        .and_then(Weak::upgrade);
+    if let Some(shared) = &found {
+        LAST.with(|last| *last.borrow_mut() = Some((id, Arc::downgrade(shared))));
+    }
+    found
 }
 
 #[cfg(test)]

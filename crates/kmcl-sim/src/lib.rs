@@ -26,6 +26,7 @@
 mod bus;
 mod config;
 mod container;
+mod crc32c;
 mod guest;
 mod handle;
 mod invoke;

@@ -285,12 +285,16 @@ fn complete_packet(
     payload: Vec<u8>,
 ) -> Option<DpcJob> {
     let p = st.packets.get_mut(&packet)?;
-    p.state = PacketState::Idle;
-    match p.routine {
+    let was = core::mem::replace(&mut p.state, PacketState::Idle);
+    let (txid, routine) = (p.txid, p.routine);
+    if was != PacketState::Idle {
+        st.txid_idle(channel, txid);
+    }
+    match routine {
         Some(_) => Some(DpcJob::Complete {
             channel,
             packet,
-            routine: p.routine,
+            routine,
             status,
             payload,
         }),

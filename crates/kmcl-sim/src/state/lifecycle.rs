@@ -66,6 +66,7 @@ impl Shared {
                 allocated: 0,
                 host_queue: VecDeque::new(),
                 in_flight: BTreeMap::new(),
+                live_txids: KeyMap::default(),
                 incoming_outstanding: 0,
                 deferred: VecDeque::new(),
                 batch: 0,
@@ -128,6 +129,7 @@ impl Shared {
         if let Some(c) = st.channels.get_mut(&seq) {
             c.in_flight.clear();
             c.host_queue.clear();
+            c.live_txids.clear();
         }
         let leaked: Vec<u32> = st
             .packets

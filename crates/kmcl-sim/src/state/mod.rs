@@ -7,8 +7,9 @@
 //! always instance state → guest memory. No simulator lock is ever held while a driver callback
 //! runs.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::format;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::string::{String, ToString};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -20,7 +21,7 @@ use super::config::{
     PauseWaits, RestoreSaveBufSize, RestoreTiming, RestoredPacketContext, SaveRequires,
     SendVsSuspend, SimConfig,
 };
-use super::container::{self, LibState, Location, Unit};
+use super::container::{self, LibView, Location, Unit};
 use super::guest::{GuestShared, OpenState, Reply, RingEntry};
 use super::handle::{self, Kind};
 use super::irql::{self, FrameKind, Irql};
@@ -46,6 +47,35 @@ pub(crate) const MDL_ONLY_FORMAT_FLAGS: u32 = kmcl_sys::VMBUS_CHANNEL_FORMAT_FLA
 /// never complete a new packet with an old id).
 static NEXT_TXID: AtomicU64 = AtomicU64::new(1);
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// A [`Hasher`] for the simulator's own integer keys (object sequence numbers, transaction
+/// ids): one multiplication, no random state — so iteration order, where any code depends on
+/// it, is the same from run to run (the deterministic schedule replays).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// A map keyed by sequence number or transaction id (see [`KeyHasher`]).
+pub(crate) type KeyMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
 
 /// Channel lifecycle (header state model: Disabled → Enabled → … → Disabled).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,7 +124,14 @@ pub(crate) struct SaveCtx {
     session: u64,
     stage: SaveStage,
     queue: VecDeque<u32>,
-    pending: Option<(Vec<u8>, bool)>,
+    /// The next unit, encoded in `unit`: `Some(is_end)` once ready.
+    pending: Option<bool>,
+    /// The next unit's bytes (reused from unit to unit).
+    unit: Vec<u8>,
+    /// The chunk body being assembled (reused from chunk to chunk).
+    body: Vec<u8>,
+    /// The buffer the second save call is given (reused from packet to packet).
+    scratch: Vec<u8>,
     chunk_index: u32,
     packets_saved: u32,
     failed: Option<NtStatus>,
@@ -146,6 +183,10 @@ pub(crate) struct Channel {
     pub(crate) allocated: usize,
     pub(crate) host_queue: VecDeque<u32>,
     pub(crate) in_flight: BTreeMap<u64, u32>,
+    /// Transaction ids of this channel's packets that are not idle (sent, queued or restored),
+    /// with how many packets carry each: what the restore's "transaction id already in flight"
+    /// check looks up, kept in step with every packet state change.
+    pub(crate) live_txids: KeyMap<u64, u32>,
     pub(crate) incoming_outstanding: u32,
     pub(crate) deferred: VecDeque<u32>,
     pub(crate) batch: u32,
@@ -213,9 +254,10 @@ pub(crate) struct State {
     next_seq: u32,
     pub(crate) iface_refs: i64,
     pub(crate) channels: BTreeMap<u32, Channel>,
-    pub(crate) packets: BTreeMap<u32, Packet>,
-    pub(crate) incoming: BTreeMap<u32, Incoming>,
-    retired: BTreeSet<u32>,
+    pub(crate) packets: KeyMap<u32, Packet>,
+    pub(crate) incoming: KeyMap<u32, Incoming>,
+    /// One bit per sequence number: set once its object was freed, completed or cleaned up.
+    retired: Vec<u64>,
     pub(crate) guests: Vec<Arc<GuestShared>>,
     counts: [u64; KmclCall::COUNT],
     pub(crate) faults: super::config::FaultPlan,
@@ -229,6 +271,8 @@ pub(crate) struct State {
 /// registry and attached guests.
 pub(crate) struct Shared {
     pub(crate) id: u32,
+    /// Reachable from its handles (`handle::register` / `unregister`).
+    pub(crate) registered: std::sync::atomic::AtomicBool,
     pub(crate) config: SimConfig,
     state: Mutex<State>,
     cond: Condvar,
@@ -278,13 +322,44 @@ impl State {
     }
 
     pub(crate) fn retire(&mut self, seq: u32) {
-        self.retired.insert(seq);
+        let word = (seq / 64) as usize;
+        if self.retired.len() <= word {
+            self.retired.resize(word + 1, 0);
+        }
+        if let Some(bits) = self.retired.get_mut(word) {
+            *bits |= 1 << (seq % 64);
+        }
+    }
+
+    fn is_retired(&self, seq: u32) -> bool {
+        self.retired
+            .get((seq / 64) as usize)
+            .is_some_and(|bits| bits & (1 << (seq % 64)) != 0)
+    }
+
+    /// A packet of channel `ch` carrying `txid` left the idle state (sent or restored).
+    pub(crate) fn txid_live(&mut self, ch: u32, txid: u64) {
+        if let Some(c) = self.channels.get_mut(&ch) {
+            *c.live_txids.entry(txid).or_insert(0) += 1;
+        }
+    }
+
+    /// A packet of channel `ch` carrying `txid` became idle again (handed back to the driver).
+    pub(crate) fn txid_idle(&mut self, ch: u32, txid: u64) {
+        if let Some(c) = self.channels.get_mut(&ch)
+            && let Some(count) = c.live_txids.get_mut(&txid)
+        {
+            *count -= 1;
+            if *count == 0 {
+                c.live_txids.remove(&txid);
+            }
+        }
     }
 
     /// Records the right violation for a handle of kind `kind` with sequence `seq` that is not
     /// live.
     fn dead_handle(&mut self, call: KmclCall, kind: Kind, seq: u32) {
-        let (vk, what) = if self.retired.contains(&seq) {
+        let (vk, what) = if self.is_retired(seq) {
             match (kind, call) {
                 (Kind::Completion, _) => (
                     ViolationKind::DoubleCompletion,
@@ -564,15 +639,16 @@ impl Shared {
         let schedule = super::schedule::Scheduler::new(config.schedule);
         Shared {
             id,
+            registered: std::sync::atomic::AtomicBool::new(false),
             config,
             state: Mutex::new(State {
                 shutdown: false,
                 next_seq: 1,
                 iface_refs: 0,
                 channels: BTreeMap::new(),
-                packets: BTreeMap::new(),
-                incoming: BTreeMap::new(),
-                retired: BTreeSet::new(),
+                packets: KeyMap::default(),
+                incoming: KeyMap::default(),
+                retired: Vec::new(),
                 guests: Vec::new(),
                 counts: [0; KmclCall::COUNT],
                 faults,

@@ -321,6 +321,7 @@ impl Shared {
             p.payload = bytes;
             p.state = PacketState::Queued;
         }
+        st.txid_live(ch, txid);
         if let Some(c) = st.channels.get_mut(&ch) {
             c.host_queue.push_back(seq);
         }

@@ -88,16 +88,22 @@ impl Shared {
         // A transaction id already in flight on this channel: the blob was fed twice or forged.
         // One pass over the packets per chunk (not one per unit), so a restore stays linear in
         // chunks × packets rather than quadratic in packets.
-        let duplicate = {
+        // Looked up in the channel's set of live transaction ids, kept in step with every packet
+        // state change, so each unit costs one lookup and a chunked restore stays linear.
+        let duplicate = libs
+            .iter()
+            .flatten()
+            .any(|lib| c.live_txids.contains_key(&lib.txid));
+        #[cfg(debug_assertions)]
+        {
+            // The definition, checked against the set in debug builds (every test run).
             let chunk_txids: std::collections::BTreeSet<u64> =
                 libs.iter().flatten().map(|lib| lib.txid).collect();
-            !chunk_txids.is_empty()
-                && st.packets.values().any(|p| {
-                    p.channel == seq
-                        && p.state != PacketState::Idle
-                        && chunk_txids.contains(&p.txid)
-                })
-        };
+            let scanned = st.packets.values().any(|p| {
+                p.channel == seq && p.state != PacketState::Idle && chunk_txids.contains(&p.txid)
+            });
+            debug_assert_eq!(duplicate, scanned, "live transaction id set out of step");
+        }
         let Some(c) = st.channels.get_mut(&seq) else {
             return NtStatus::INVALID_PARAMETER_1;
         };
@@ -122,15 +128,23 @@ impl Shared {
             else {
                 continue;
             };
-            let mut save_buf = driver.clone();
-            if padded {
-                save_buf.resize(*driver_alloc as usize, 0);
-            }
-            if let Some(tamper) = self.config.tamper_driver_bytes {
-                tamper(u64::from(packets), &mut save_buf);
-            }
+            // The driver's bytes as saved, unless a setting pads or a test tampers with them.
+            let owned;
+            let save_buf: &[u8] = if padded || self.config.tamper_driver_bytes.is_some() {
+                let mut bytes = driver.to_vec();
+                if padded {
+                    bytes.resize(*driver_alloc as usize, 0);
+                }
+                if let Some(tamper) = self.config.tamper_driver_bytes {
+                    tamper(u64::from(packets), &mut bytes);
+                }
+                owned = bytes;
+                &owned
+            } else {
+                driver
+            };
             let (status, restored) = crate::invoke::restore_packet(
-                self.id, restore_cb, ch_handle, seq, lib.txid, lib_bytes, &save_buf,
+                self.id, restore_cb, ch_handle, seq, lib.txid, lib_bytes, save_buf,
             );
             packets = packets.saturating_add(1);
             match (status.is_success(), restored) {
@@ -237,7 +251,7 @@ impl Shared {
             );
             return NtStatus::INVALID_DEVICE_STATE;
         }
-        let lib = match container::decode_lib(lib_bytes) {
+        let lib = match container::decode_lib_view(lib_bytes) {
             Ok(lib) if lib.txid == txid => lib,
             _ => {
                 st.violation(
@@ -268,7 +282,7 @@ impl Shared {
         }
         p.txid = lib.txid;
         p.flags = lib.flags;
-        p.payload = lib.payload;
+        p.payload = lib.payload.to_vec();
         let requeue = force_new || !wait;
         let new_state = match lib.location {
             Location::Idle => PacketState::Idle,
@@ -277,6 +291,9 @@ impl Shared {
             Location::Ring | Location::Delivered => PacketState::Sent,
         };
         p.state = new_state;
+        if new_state != PacketState::Idle {
+            st.txid_live(ch, lib.txid);
+        }
         if let Some(c) = st.channels.get_mut(&ch) {
             match new_state {
                 PacketState::Queued => c.host_queue.push_back(seq),
@@ -297,12 +314,12 @@ impl Shared {
 
 /// Structural checks of a decoded chunk against the restore so far; returns, per unit, the decoded
 /// `LibBuf` of a packet unit.
-fn validate_chunk(
-    chunk: &container::Chunk,
+fn validate_chunk<'a>(
+    chunk: &container::Chunk<'a>,
     expected: u32,
     session: Option<u64>,
     packets_so_far: u32,
-) -> Result<Vec<Option<LibState>>, NtStatus> {
+) -> Result<Vec<Option<LibView<'a>>>, NtStatus> {
     if chunk.index != expected {
         return Err(NtStatus::INVALID_PARAMETER);
     }
@@ -330,7 +347,7 @@ fn validate_chunk(
                 if expected == 0 && i == 0 {
                     return Err(NtStatus::DATA_ERROR);
                 }
-                let lib = container::decode_lib(lib).map_err(|_| NtStatus::DATA_ERROR)?;
+                let lib = container::decode_lib_view(lib).map_err(|_| NtStatus::DATA_ERROR)?;
                 if lib.session != chunk.session {
                     return Err(NtStatus::DATA_ERROR);
                 }

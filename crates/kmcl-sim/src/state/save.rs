@@ -59,6 +59,8 @@ impl Shared {
             }
         }
         in_flight.sort_unstable();
+        // Unsent packets in allocation order (the packet map is not ordered).
+        idle.sort_unstable();
         let mut queue: VecDeque<u32> = in_flight.into_iter().map(|(_, p)| p).collect();
         queue.extend(idle);
         let session = (u64::from(self.id) << 40) | NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
@@ -68,6 +70,9 @@ impl Shared {
                 stage: SaveStage::Begin,
                 queue,
                 pending: None,
+                unit: Vec::new(),
+                body: Vec::new(),
+                scratch: Vec::new(),
                 chunk_index: 0,
                 packets_saved: 0,
                 failed: None,
@@ -133,8 +138,10 @@ impl Shared {
             st.violation(ViolationKind::SaveSequence, Some(call), problem);
             return fail(NtStatus::INVALID_DEVICE_STATE);
         }
-        let mut body: Vec<u8> = Vec::new();
         let mut last = false;
+        if let Some(ctx) = st.channels.get_mut(&seq).and_then(|c| c.save.as_mut()) {
+            ctx.body.clear();
+        }
         loop {
             // Make sure the next unit is encoded.
             let needs_unit = st
@@ -158,12 +165,12 @@ impl Shared {
             let Some(ctx) = st.channels.get_mut(&seq).and_then(|c| c.save.as_mut()) else {
                 return fail(NtStatus::INVALID_DEVICE_STATE);
             };
-            let Some((unit, is_end)) = ctx.pending.as_ref() else {
+            let Some(is_end) = ctx.pending else {
                 break;
             };
-            if container::CHUNK_HEADER_LEN + body.len() + unit.len() > size {
-                if body.is_empty() {
-                    let required = container::CHUNK_HEADER_LEN + unit.len();
+            if container::CHUNK_HEADER_LEN + ctx.body.len() + ctx.unit.len() > size {
+                if ctx.body.is_empty() {
+                    let required = container::CHUNK_HEADER_LEN + ctx.unit.len();
                     ctx.busy = false;
                     return SaveOutput {
                         status: NtStatus::BUFFER_TOO_SMALL,
@@ -173,8 +180,12 @@ impl Shared {
                 }
                 break;
             }
-            body.extend_from_slice(unit);
-            let is_end = *is_end;
+            if ctx.body.is_empty() {
+                // The first unit of a chunk: room for all the chunk can hold, allocated once.
+                ctx.body
+                    .reserve(size.saturating_sub(container::CHUNK_HEADER_LEN));
+            }
+            ctx.body.extend_from_slice(&ctx.unit);
             ctx.pending = None;
             if is_end {
                 last = true;
@@ -184,8 +195,10 @@ impl Shared {
         let Some(ctx) = st.channels.get_mut(&seq).and_then(|c| c.save.as_mut()) else {
             return fail(NtStatus::INVALID_DEVICE_STATE);
         };
-        let mut chunk = std::vec![0u8; container::CHUNK_HEADER_LEN + body.len()];
-        container::write_chunk(&mut chunk, ctx.chunk_index, ctx.session, last, &body);
+        let header = container::chunk_header(ctx.chunk_index, ctx.session, last, &ctx.body);
+        let mut chunk = Vec::with_capacity(container::CHUNK_HEADER_LEN + ctx.body.len());
+        chunk.extend_from_slice(&header);
+        chunk.extend_from_slice(&ctx.body);
         ctx.chunk_index = ctx.chunk_index.saturating_add(1);
         ctx.busy = false;
         if last {
@@ -202,8 +215,8 @@ impl Shared {
         }
     }
 
-    /// Produces the next save unit into `ctx.pending` (calling the driver's save callback, with the
-    /// lock released, for a packet unit).
+    /// Produces the next save unit into `ctx.unit` / `ctx.pending` (calling the driver's save
+    /// callback, with the lock released, for a packet unit).
     #[allow(clippy::type_complexity)]
     fn next_save_unit<'a>(
         &'a self,
@@ -211,17 +224,22 @@ impl Shared {
         seq: u32,
     ) -> Result<MutexGuard<'a, State>, (MutexGuard<'a, State>, NtStatus)> {
         loop {
-            let Some(c) = st.channels.get_mut(&seq) else {
+            let st_ref = &mut *st;
+            let Some(c) = st_ref.channels.get_mut(&seq) else {
                 return Err((st, NtStatus::INVALID_DEVICE_STATE));
             };
             let save_cb = c.save_packet;
+            let link = &c.link;
             let Some(ctx) = c.save.as_mut() else {
                 return Err((st, NtStatus::INVALID_DEVICE_STATE));
             };
             match ctx.stage {
                 SaveStage::Done => return Ok(st),
                 SaveStage::Begin => {
-                    ctx.pending = Some((container::encode_unit(&Unit::Begin), false));
+                    ctx.unit.clear();
+                    ctx.unit
+                        .extend_from_slice(&container::encode_unit(&Unit::Begin));
+                    ctx.pending = Some(false);
                     ctx.stage = SaveStage::Packets;
                     return Ok(st);
                 }
@@ -230,12 +248,15 @@ impl Shared {
             let session = ctx.session;
             let Some(pseq) = ctx.queue.pop_front() else {
                 let packets = ctx.packets_saved;
-                ctx.pending = Some((container::encode_unit(&Unit::End { packets }), true));
+                ctx.unit.clear();
+                ctx.unit
+                    .extend_from_slice(&container::encode_unit(&Unit::End { packets }));
+                ctx.pending = Some(true);
                 ctx.stage = SaveStage::Done;
                 return Ok(st);
             };
             // Snapshot the library state of this packet, unless it is no longer saveable.
-            let Some(p) = st.packets.get(&pseq) else {
+            let Some(p) = st_ref.packets.get(&pseq) else {
                 continue;
             };
             let location = match p.state {
@@ -245,10 +266,10 @@ impl Shared {
                 PacketState::Idle => continue,
                 PacketState::Queued => Location::HostQueue,
                 PacketState::Sent => {
-                    let in_ring = st.channels.get(&seq).is_some_and(|c| match &c.link {
+                    let in_ring = match link {
                         Link::Bound(g) => g.memory().ring.iter().any(|e| e.txid == Some(p.txid)),
                         _ => false,
-                    });
+                    };
                     if in_ring {
                         Location::Ring
                     } else {
@@ -256,34 +277,39 @@ impl Shared {
                     }
                 }
             };
-            let lib = LibState {
+            // The unit's header, then the LibBuf, encoded now (the snapshot); the driver's bytes
+            // follow once its callback returned.
+            ctx.unit.clear();
+            let start = container::start_packet_unit(&mut ctx.unit);
+            let lib_len = container::encode_lib_into(
+                &mut ctx.unit,
                 location,
-                txid: p.txid,
-                flags: p.flags,
+                p.txid,
+                p.flags,
                 session,
-                payload: p.payload.clone(),
-            };
+                &p.payload,
+            );
+            let mut scratch = core::mem::take(&mut ctx.scratch);
             let ch_handle = self.handle(seq, Kind::Channel);
             let pkt_handle = self.handle(pseq, Kind::Packet);
             drop(st);
-            let result = self.save_packet_protocol(save_cb, ch_handle, pkt_handle);
+            let result = self.save_packet_protocol(save_cb, ch_handle, pkt_handle, &mut scratch);
             st = self.lock();
-            let (driver, driver_alloc) = match result {
-                Ok(saved) => saved,
-                Err(status) => return Err((st, status)),
-            };
             let Some(ctx) = st.channels.get_mut(&seq).and_then(|c| c.save.as_mut()) else {
                 return Err((st, NtStatus::INVALID_DEVICE_STATE));
             };
+            let (kept, driver_alloc) = match result {
+                Ok(saved) => saved,
+                Err(status) => {
+                    ctx.scratch = scratch;
+                    return Err((st, status));
+                }
+            };
             ctx.packets_saved = ctx.packets_saved.saturating_add(1);
-            ctx.pending = Some((
-                container::encode_unit(&Unit::Packet {
-                    lib: container::encode_lib(&lib),
-                    driver,
-                    driver_alloc,
-                }),
-                false,
-            ));
+            let driver = scratch.get(..kept).unwrap_or(&[]);
+            container::finish_packet_unit(&mut ctx.unit, start, lib_len, driver, driver_alloc);
+            ctx.scratch = scratch;
+            ctx.pending = Some(false);
             return Ok(st);
         }
     }
@@ -294,7 +320,8 @@ impl Shared {
         cb: PFN_VMB_CHANNEL_SAVE_PACKET,
         ch: usize,
         pkt: usize,
-    ) -> Result<(Vec<u8>, u32), NtStatus> {
+        buffer: &mut Vec<u8>,
+    ) -> Result<(usize, u32), NtStatus> {
         let call = Some(KmclCall::ChannelSaveContinue);
         let Some(cb) = cb else {
             self.lock().violation(
@@ -303,7 +330,7 @@ impl Shared {
                 "packets to save but no save callback registered \
                  (VmbServerChannelInitSetSaveRestorePacketCallbacks)",
             );
-            return Ok((Vec::new(), 0));
+            return Ok((0, 0));
         };
         let mut needed: u32 = 0;
         let status = crate::invoke::save_packet(self.id, cb, ch, pkt, None, &mut needed);
@@ -315,7 +342,7 @@ impl Shared {
                     format!("size probe returned success but BytesNeeded = {needed}"),
                 );
             }
-            return Ok((Vec::new(), 0));
+            return Ok((0, 0));
         }
         if needed == 0 {
             self.lock().violation(
@@ -334,10 +361,11 @@ impl Shared {
             return Err(NtStatus::INSUFFICIENT_RESOURCES);
         }
         let alloc = needed.saturating_add(self.config.save_buffer_slack);
-        let mut buffer = std::vec![0xCCu8; alloc as usize];
+        buffer.clear();
+        buffer.resize(alloc as usize, 0xCC);
         let mut needed_again = needed;
         let status =
-            crate::invoke::save_packet(self.id, cb, ch, pkt, Some(&mut buffer), &mut needed_again);
+            crate::invoke::save_packet(self.id, cb, ch, pkt, Some(buffer), &mut needed_again);
         if !status.is_success() {
             self.lock().violation(
                 ViolationKind::SaveCallbackProtocol,
@@ -359,7 +387,6 @@ impl Shared {
         // zeroes the slack so no stale pool bytes survive). The library keeps the `needed` bytes
         // the probe asked for; the 0xCC pre-fill makes a callback that leaves part of those
         // unwritten visible to the driver's own decoder at restore time.
-        buffer.truncate(needed as usize);
-        Ok((buffer, alloc))
+        Ok((needed as usize, alloc))
     }
 }
