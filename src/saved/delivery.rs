@@ -405,10 +405,35 @@ impl DeliveryRecord {
             return None;
         }
         let body = [w1, w2, w3, w4, w5, w6];
-        let [b1, b2, b3, b4, b5, b6] = body;
         let total = (w1 >> 32) as usize;
-        let (crc, trace_id, save_id) = match total {
-            LEN_PLAIN => (crc32c_words(&body), None, None),
+        let (crc, trace_id, save_id) = if total == LEN_PLAIN {
+            (crc32c_words(&body), None, None)
+        } else {
+            Self::known_extensions(total, &body, ext)?
+        };
+        if crc != (w0 >> 32) as u32 {
+            return None;
+        }
+        // Zero padding only after the record (a padded restore buffer).
+        let trailing = bytes.get(total..)?;
+        if !trailing.is_empty() && trailing.iter().any(|&b| b != 0) {
+            return None;
+        }
+        Some((Self { trace_id, ..record }, save_id))
+    }
+
+    /// The rest of [`decode_known`](Self::decode_known) for the layouts with extensions (save id,
+    /// trace id, both): the checksum of `body` (words 1..=6) and the area `ext` after it, and
+    /// the extensions, if `ext` holds exactly the entries this build writes for `total`. Out of
+    /// line, so that the plain layout's path stays small.
+    #[inline(never)]
+    fn known_extensions(
+        total: usize,
+        body: &[u64; 6],
+        ext: &[u8],
+    ) -> Option<(u32, Option<[u8; TRACE_ID_LEN]>, Option<u64>)> {
+        let [b1, b2, b3, b4, b5, b6] = *body;
+        let known = match total {
             LEN_SAVE_ID => {
                 let area: &[u8; LEN_SAVE_ID - LEN_PLAIN] = ext.first_chunk()?;
                 let (w7, t) = area.split_first_chunk::<8>()?;
@@ -449,15 +474,7 @@ impl DeliveryRecord {
             }
             _ => return None,
         };
-        if crc != (w0 >> 32) as u32 {
-            return None;
-        }
-        // Zero padding only after the record (a padded restore buffer).
-        let trailing = bytes.get(total..)?;
-        if !trailing.is_empty() && trailing.iter().any(|&b| b != 0) {
-            return None;
-        }
-        Some((Self { trace_id, ..record }, save_id))
+        Some(known)
     }
 
     /// Any input, through the shared envelope reader and the extension walk: every error, and
