@@ -55,6 +55,13 @@ pub fn crc32c_words_u32<const N: usize>(words: &[u64; N], tail: u32) -> Option<u
     imp::crc32c_words::<N, true>(words, tail)
 }
 
+/// CRC32C of a fixed-size array, or `None` without a hardware instruction: the decoders' entry
+/// point, which checksums the input where it lies (no copy, no length dispatch).
+#[inline]
+pub fn crc32c_array<const N: usize>(bytes: &[u8; N]) -> Option<u32> {
+    imp::crc32c_array(bytes)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use core::arch::x86_64::{__cpuid, _mm_crc32_u8, _mm_crc32_u32, _mm_crc32_u64};
@@ -140,6 +147,22 @@ mod imp {
         Some(!crc)
     }
 
+    /// The finished CRC32C of a fixed-size array: the same loop as `update`, unrolled for `N`.
+    #[target_feature(enable = "sse4.2")]
+    fn update_array<const N: usize>(bytes: &[u8; N]) -> u32 {
+        !update(!0, bytes)
+    }
+
+    #[inline]
+    pub(super) fn crc32c_array<const N: usize>(bytes: &[u8; N]) -> Option<u32> {
+        if !available() {
+            return None;
+        }
+        // SAFETY: as in `crc32c`: `update_array` only requires the `sse4.2` target feature, and
+        // `available()` just read CPUID.01H:ECX.SSE4_2 = 1 on this CPU.
+        Some(unsafe { update_array(bytes) })
+    }
+
     #[inline]
     pub(super) fn crc32c_words<const N: usize, const TAIL: bool>(
         words: &[u64; N],
@@ -177,6 +200,11 @@ mod imp {
     }
 
     #[inline]
+    pub(super) fn crc32c_array<const N: usize>(bytes: &[u8; N]) -> Option<u32> {
+        crc32c(bytes)
+    }
+
+    #[inline]
     pub(super) fn crc32c_words<const N: usize, const TAIL: bool>(
         words: &[u64; N],
         tail: u32,
@@ -209,6 +237,10 @@ mod imp {
         _words: &[u64; N],
         _tail: u32,
     ) -> Option<u32> {
+        None
+    }
+
+    pub(super) fn crc32c_array<const N: usize>(_bytes: &[u8; N]) -> Option<u32> {
         None
     }
 }
@@ -247,6 +279,8 @@ mod tests {
         fn check<const N: usize>(words: &[u64; 12], bytes: &[u8], tail: u32, with_tail: &[u8]) {
             let head: &[u64; N] = words.first_chunk().unwrap();
             assert_eq!(crc32c_words(head), crc32c(&bytes[..8 * N]), "{N} words");
+            let array: &[u8; N] = bytes.first_chunk().unwrap();
+            assert_eq!(crc32c_array(array), crc32c(&bytes[..N]), "{N} bytes");
             let mut tailed = [0u8; 100];
             tailed[..8 * N].copy_from_slice(&bytes[..8 * N]);
             tailed[8 * N..8 * N + 4].copy_from_slice(&tail.to_le_bytes());

@@ -44,6 +44,15 @@ pub(crate) fn crc32c_words_u32<const N: usize>(words: &[u64; N], tail: u32) -> u
     }
 }
 
+/// [`crc32c`] of a fixed-size array, checksummed where it lies: the decoders' form.
+#[inline]
+pub(crate) fn crc32c_array<const N: usize>(bytes: &[u8; N]) -> u32 {
+    match crate::hwcrc::crc32c_array(bytes) {
+        Some(crc) => crc,
+        None => table_crc32c(bytes),
+    }
+}
+
 /// The portable fallback: the `crc` crate's slicing-by-16 table.
 fn table_crc32c(bytes: &[u8]) -> u32 {
     CASTAGNOLI.checksum(bytes)
@@ -181,6 +190,8 @@ mod tests {
         }
         let six: &[u64; 6] = words.first_chunk().unwrap();
         assert_eq!(crc32c_words(six), crc32c(&bytes[..48]));
+        let forty_eight: &[u8; 48] = bytes.first_chunk().unwrap();
+        assert_eq!(super::crc32c_array(forty_eight), crc32c(&bytes[..48]));
         let seven: &[u64; 7] = words.first_chunk().unwrap();
         let mut tailed = [0u8; 60];
         tailed[..56].copy_from_slice(&bytes[..56]);
