@@ -4,7 +4,8 @@
 //! * `memcpy`: copying the same 56 bytes — the physical limit of producing or consuming them;
 //! * `memcpy+crc`: the copy plus the same CRC32C over the same 48 bytes (written into, or checked
 //!   against, the header) — the limit for a *checksummed* copy, which the format requires. Two
-//!   ways, and the faster one is the limit: CRC of the copy just written, or of the source;
+//!   ways: CRC of the copy just written, or of the source while copying; the latter is the limit (the
+//!   faster one, and the baseline the ratio targets use);
 //! * `postcard+crc`: the same fields through serde + postcard (varints) with the same CRC32C
 //!   over the encoded bytes and the same range checks — what a user would pick instead.
 //!
@@ -240,18 +241,12 @@ fn main() {
 
     print_machine_line("per-record codec, DeliveryRecord 56 B (median ns of criterion samples)");
     println!("postcard encoding of the same record: {postcard_len} B (incl. 4 B CRC) vs {LEN} B");
-    // The checksummed-copy limit is the faster of the two ways to do it: CRC of the bytes just
-    // written (store-to-load forwarding in the way) or CRC of the source while copying.
-    let limit = |side: &str| {
-        let a = rec.median(&format!("{side} memcpy+crc"));
-        let b = rec.median(&format!("{side} memcpy+crc of source"));
-        match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    };
+    // The checksummed-copy limit the targets are judged by: a copy with the CRC of the source
+    // computed while copying. (CRC of the bytes just written is the other way; it waits on
+    // store-to-load forwarding and is normally the slower one, and the noisier.)
+    let limit = |side: &str| rec.median(&format!("{side} memcpy+crc of source"));
     println!(
-        "| op | vmbsrv (ns) | memcpy (ns) | memcpy+crc of copy (ns) | memcpy+crc of source (ns) | postcard+crc (ns) | / memcpy | / memcpy+crc (faster) | postcard+crc / vmbsrv |"
+        "| op | vmbsrv (ns) | memcpy (ns) | memcpy+crc of copy (ns) | memcpy+crc of source (ns) | postcard+crc (ns) | / memcpy | / memcpy+crc of source (limit) | postcard+crc / vmbsrv |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for side in ["encode", "decode"] {
@@ -271,12 +266,12 @@ fn main() {
         );
     }
     println!(
-        "diagnostic: encode with fields stored in place (same bytes, not the codec): {} ns = {} memcpy+crc (faster)",
+        "diagnostic: encode with fields stored in place (same bytes, not the codec): {} ns = {} limit",
         ns(rec.median("encode in-place sketch")),
         ratio(rec.median("encode in-place sketch"), limit("encode")),
     );
     println!(
-        "diagnostic: encode from u64 words, CRC before storing (same bytes, not the codec): {} ns = {} memcpy+crc (faster)",
+        "diagnostic: encode from u64 words, CRC before storing (same bytes, not the codec): {} ns = {} limit",
         ns(rec.median("encode words sketch")),
         ratio(rec.median("encode words sketch"), limit("encode")),
     );
@@ -294,25 +289,30 @@ fn main() {
         println!("target {name}: {value} -> {verdict}");
     };
     let over = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
-    verdict(
-        "encode / memcpy+crc <= 1.5",
-        over(rec.median("encode"), limit("encode")),
-        |r| r <= 1.5,
-    );
-    verdict(
-        "decode / memcpy+crc <= 2",
-        over(rec.median("decode"), limit("decode")),
-        |r| r <= 2.0,
-    );
-    verdict(
-        "postcard+crc / encode >= 3",
-        over(rec.median("encode postcard+crc"), rec.median("encode")),
-        |r| r >= 3.0,
-    );
-    verdict(
-        "postcard+crc / decode >= 3",
-        over(rec.median("decode postcard+crc"), rec.median("decode")),
-        |r| r >= 3.0,
-    );
+    let encode_ratio = over(rec.median("encode"), limit("encode"));
+    let decode_ratio = over(rec.median("decode"), limit("decode"));
+    let postcard_over_encode = over(rec.median("encode postcard+crc"), rec.median("encode"));
+    let postcard_over_decode = over(rec.median("decode postcard+crc"), rec.median("decode"));
+    verdict("encode / memcpy+crc <= 1.5", encode_ratio, |r| r <= 1.5);
+    verdict("decode / memcpy+crc <= 1.5", decode_ratio, |r| r <= 1.5);
+    verdict("postcard+crc / encode >= 6", postcard_over_encode, |r| {
+        r >= 6.0
+    });
+    verdict("postcard+crc / decode >= 6", postcard_over_decode, |r| {
+        r >= 6.0
+    });
     c.final_summary();
+    // One machine-readable line, last: ratios to the memcpy+CRC-of-source limit
+    // (the faster checksummed copy), 2 decimals; `-` for what did not run (a criterion filter).
+    let fixed =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+    println!(
+        "SUMMARY codec encode_ratio={} decode_ratio={} postcard_over_encode={} postcard_over_decode={} encode_ns={} decode_ns={}",
+        fixed(encode_ratio, 2),
+        fixed(decode_ratio, 2),
+        fixed(postcard_over_encode, 2),
+        fixed(postcard_over_decode, 2),
+        fixed(rec.median("encode"), 2),
+        fixed(rec.median("decode"), 2),
+    );
 }

@@ -1,11 +1,17 @@
 //! The save/restore callbacks per packet, and whole-channel save and restore through the
 //! simulator, with the ratio tables docs/performance.md quotes.
 //!
-//! * `callbacks`: the pure VSP work of one packet, called directly — the save callback's two calls
-//!   (`answer_save_call` probe, then write) and the restore callback's validation
-//!   (`DeliveryRecord::decode` + the payload-length check). The table lookup / insert cannot be
-//!   reached from outside the crate (`DeliveryTable`'s state is `pub(super)`), so it is only in
-//!   the through-the-simulator figure.
+//! * `callbacks`: the pure VSP work of one packet, called directly, without the simulator or the
+//!   lock — per packet of a 1,024-delivery table (`DeliveryTable::bench_running` /
+//!   `bench_restoring`, hidden bench-support constructors):
+//!   * save: what `save_packet` does over its two calls (the size probe, then the write into
+//!     KMCL's `needed + 32`-byte buffer): `save_lookup` (`delivery_for_save` + the save identity)
+//!     and `answer_save` each time, then `record_save_write` — a 68-byte record with the save id;
+//!   * restore: what `restore_packet` does before it calls KMCL: `DeliveryRecord::decode_saved`,
+//!     then `accept_restored` (save-identity and payload-length checks + `insert_restored`).
+//!
+//!   The record-only figures of before (`answer_save_call` probe/write without a save id,
+//!   `decode` + length check) are kept alongside.
 //! * `channel_save` / `channel_restore`: a channel with `max_in_flight = N`, a guest that opened
 //!   and negotiated but reads nothing, N messages posted (64-byte payloads, no trace id), then
 //!   `scenario::migration::save_channel` (64 KiB chunks) and, on a fresh simulator instance each
@@ -21,11 +27,13 @@ mod common;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use common::{Recorder, ns, print_machine_line, quick, ratio};
+use common::{Recorder, ns, print_machine_line, quick, ratio, sample_size};
 use criterion::{SamplingMode, Throughput};
 use kmcl_sim::{Guest, Kmcl};
 use vmbsrv::saved::DeliveryRecord;
-use vmbsrv::vsp::save_protocol::answer_save_call;
+use vmbsrv::vsp::DeliveryTable;
+use vmbsrv::vsp::save_protocol::{answer_save, answer_save_call};
+use vmbsrv::vsp::table::Token;
 use vmbsrv::vsp::{PostRequest, VspChannel};
 use vmbsrv_testkit::GuestModel;
 use vmbsrv_testkit::MigrationConfig;
@@ -124,9 +132,21 @@ fn restore_once(packets: u32, stream: &[u8]) -> Duration {
 struct CallbackFigures {
     probe: Option<f64>,
     write: Option<f64>,
+    /// Record only: probe + write of `answer_save_call` (no save id, no table).
     both: Option<f64>,
+    /// Record only: `decode` + the payload-length check.
     restore: Option<f64>,
+    /// Per packet: the save callback's table and record work (lookup, probe, lookup, write,
+    /// `record_save_write`).
+    vsp_save: Option<f64>,
+    /// Per packet: the restore callback's work before KMCL (decode, checks, insert).
+    vsp_restore: Option<f64>,
 }
+
+/// Deliveries per timed pass of the per-packet VSP figures.
+const TABLE_PACKETS: u32 = 1024;
+/// The save identity the VSP figures' records carry.
+const SAVE_ID: u64 = 0x5AFE_1D00_0000_0001;
 
 fn callbacks(c: &mut criterion::Criterion) -> CallbackFigures {
     let rec = Recorder::new();
@@ -152,13 +172,148 @@ fn callbacks(c: &mut criterion::Criterion) -> CallbackFigures {
             .ok()
             .filter(|r| r.payload_len <= black_box(MAX_MESSAGE_LEN))
     });
+
+    // ---- the VSP's per-packet work, table included: one pass over TABLE_PACKETS deliveries
+    let mut table = DeliveryTable::bench_running(TABLE_PACKETS).expect("table");
+    let payload_crc = vmbsrv::saved::crc32c(&[0x5A; PAYLOAD_LEN]);
+    let tokens: Vec<Token> = (0..u64::from(TABLE_PACKETS))
+        .map(|tag| {
+            let (token, _) = table
+                .reserve(tag, tag, PAYLOAD_LEN as u32, payload_crc, None)
+                .expect("reserve");
+            table.finish_post(token, true);
+            token
+        })
+        .collect();
+    const SAVED_LEN: usize = DeliveryRecord::MIN_ENCODED_LEN + 12;
+    let mut save_buffer = [0u8; SAVED_LEN + SAVE_SLACK];
+    rec.bench(&mut group, "vsp save pass", || {
+        black_box(table.begin_save());
+        for &token in &tokens {
+            // Call 1, the size probe.
+            let (delivery, save_id) = table.save_lookup(Some(black_box(token)));
+            let probe = answer_save(delivery.as_ref(), save_id, None);
+            // Call 2, the write into KMCL's buffer of `needed + slack` bytes.
+            let (delivery, save_id) = table.save_lookup(Some(black_box(token)));
+            let write = answer_save(
+                delivery.as_ref(),
+                save_id,
+                Some(black_box(
+                    &mut save_buffer[..probe.bytes_needed as usize + SAVE_SLACK],
+                )),
+            );
+            if write.status.is_success() {
+                table.record_save_write(token);
+            }
+        }
+    });
+    assert_eq!(
+        table
+            .save_lookup(tokens.first().copied())
+            .0
+            .map(|d| d.encoded_len_saved(Some(1))),
+        Some(SAVED_LEN)
+    );
+
+    let records: Vec<[u8; SAVED_LEN]> = (1..=u64::from(TABLE_PACKETS))
+        .map(|sequence| {
+            let mut bytes = [0u8; SAVED_LEN];
+            let delivery = DeliveryRecord {
+                sequence,
+                tag: sequence,
+                posted_at: sequence,
+                payload_len: PAYLOAD_LEN as u32,
+                payload_crc,
+                attempts: 1,
+                trace_id: None,
+            };
+            assert_eq!(
+                delivery.encode_saved(Some(SAVE_ID), &mut bytes),
+                Ok(SAVED_LEN)
+            );
+            bytes
+        })
+        .collect();
+    let next_sequence = u64::from(TABLE_PACKETS) + 1;
+    rec.bench_custom(&mut group, "vsp restore pass", sample_size(), |iters| {
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            // A fresh table per pass, as a restore fills one; its allocation is not timed.
+            let mut table = DeliveryTable::bench_restoring(
+                TABLE_PACKETS,
+                next_sequence,
+                MAX_MESSAGE_LEN,
+                Some(SAVE_ID),
+            )
+            .expect("table");
+            let start = Instant::now();
+            for bytes in &records {
+                let inserted = match DeliveryRecord::decode_saved(black_box(bytes)) {
+                    Ok((record, save_id)) => table
+                        .accept_restored(record, save_id, MAX_MESSAGE_LEN, TABLE_PACKETS)
+                        .map_err(|_| ()),
+                    Err(_) => Err(()),
+                };
+                black_box(inserted).expect("restored");
+            }
+            total += start.elapsed();
+            assert_eq!(table.in_flight(), TABLE_PACKETS);
+            drop(black_box(table));
+        }
+        total
+    });
     group.finish();
+    let per_packet = |id: &str| rec.median(id).map(|t| t / f64::from(TABLE_PACKETS));
     CallbackFigures {
         probe: rec.median("save probe"),
         write: rec.median("save write"),
         both: rec.median("save probe+write"),
         restore: rec.median("restore decode+check"),
+        vsp_save: per_packet("vsp save pass"),
+        vsp_restore: per_packet("vsp restore pass"),
     }
+}
+
+/// The pure-VSP per-packet table; printed even when a criterion filter skipped the channels.
+fn report_callbacks(cb: &CallbackFigures) {
+    print_machine_line("per-packet VSP save/restore work, direct (no simulator, no lock)");
+    println!("| per packet | ns |");
+    println!("|---|---:|");
+    println!(
+        "| save: 2 x save_lookup + probe + write (68 B, save id) + record_save_write | {} |",
+        ns(cb.vsp_save)
+    );
+    println!(
+        "| restore: decode_saved + accept_restored (identity, length, insert) | {} |",
+        ns(cb.vsp_restore)
+    );
+    println!(
+        "| record only: answer_save_call probe + write (56 B) | {} |",
+        ns(cb.both)
+    );
+    println!(
+        "| record only: decode + length check | {} |",
+        ns(cb.restore)
+    );
+    let target = |v: Option<f64>| match v {
+        Some(v) if v <= 25.0 => "met",
+        Some(_) => "MISSED",
+        None => "not measured",
+    };
+    println!(
+        "target vsp save <= 25 ns: {}; target vsp restore <= 25 ns: {}",
+        target(cb.vsp_save),
+        target(cb.vsp_restore)
+    );
+}
+
+fn print_vsp_summary(cb: &CallbackFigures) {
+    let fixed = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+    println!(
+        "SUMMARY vsp vsp_save_ns={} vsp_restore_ns={}",
+        fixed(cb.vsp_save),
+        fixed(cb.vsp_restore)
+    );
 }
 
 /// Median total time (ns) of a save and of a restore of `packets` outstanding packets.
@@ -357,6 +512,8 @@ fn main() {
     let cb = callbacks(&mut c);
     let ch = channel(&mut c);
     report(&cb, &ch);
+    report_callbacks(&cb);
     print_sim_summary(&ch);
     c.final_summary();
+    print_vsp_summary(&cb);
 }

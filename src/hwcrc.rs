@@ -37,9 +37,34 @@ pub fn crc32c(bytes: &[u8]) -> Option<u32> {
     imp::crc32c(bytes)
 }
 
+/// CRC32C of the little-endian bytes of `words` (8 × `N` bytes), or `None` without a hardware
+/// instruction: the fixed-size entry point of the saved-state records' hot paths, which build
+/// their covered bytes as words in registers. No length dispatch: one small out-of-line call of
+/// `N` `crc32` instructions.
+///
+/// `crc32c_words(&[u64::from_le_bytes(*b"12345678")])` equals `crc32c(b"12345678")`.
+#[inline]
+pub fn crc32c_words<const N: usize>(words: &[u64; N]) -> Option<u32> {
+    imp::crc32c_words::<N, false>(words, 0)
+}
+
+/// Like [`crc32c_words`], followed by the 4 little-endian bytes of `tail`: CRC32C of
+/// 8 × `N` + 4 bytes.
+#[inline]
+pub fn crc32c_words_u32<const N: usize>(words: &[u64; N], tail: u32) -> Option<u32> {
+    imp::crc32c_words::<N, true>(words, tail)
+}
+
+/// CRC32C of a fixed-size array, or `None` without a hardware instruction: the decoders' entry
+/// point, which checksums the input where it lies (no copy, no length dispatch).
+#[inline]
+pub fn crc32c_array<const N: usize>(bytes: &[u8; N]) -> Option<u32> {
+    imp::crc32c_array(bytes)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod imp {
-    use core::arch::x86_64::{__cpuid, _mm_crc32_u8, _mm_crc32_u64};
+    use core::arch::x86_64::{__cpuid, _mm_crc32_u8, _mm_crc32_u32, _mm_crc32_u64};
     use core::sync::atomic::{AtomicU8, Ordering};
 
     const UNKNOWN: u8 = 0;
@@ -96,6 +121,22 @@ mod imp {
         crc
     }
 
+    /// The finished CRC32C (inversions included) of `words`, then of `tail` if `TAIL`. Fixed
+    /// size: the loop is unrolled into `N` (+1) `crc32` instructions, nothing else.
+    #[target_feature(enable = "sse4.2")]
+    fn update_words<const N: usize, const TAIL: bool>(words: &[u64; N], tail: u32) -> u32 {
+        let mut wide = u64::from(!0u32);
+        for &word in words {
+            wide = _mm_crc32_u64(wide, word);
+        }
+        // Zero-extended 32-bit result, as in `update`.
+        let mut crc = wide as u32;
+        if TAIL {
+            crc = _mm_crc32_u32(crc, tail);
+        }
+        !crc
+    }
+
     pub(super) fn crc32c(bytes: &[u8]) -> Option<u32> {
         if !available() {
             return None;
@@ -105,13 +146,42 @@ mod imp {
         let crc = unsafe { update(!0, bytes) };
         Some(!crc)
     }
+
+    /// The finished CRC32C of a fixed-size array: the same loop as `update`, unrolled for `N`.
+    #[target_feature(enable = "sse4.2")]
+    fn update_array<const N: usize>(bytes: &[u8; N]) -> u32 {
+        !update(!0, bytes)
+    }
+
+    #[inline]
+    pub(super) fn crc32c_array<const N: usize>(bytes: &[u8; N]) -> Option<u32> {
+        if !available() {
+            return None;
+        }
+        // SAFETY: as in `crc32c`: `update_array` only requires the `sse4.2` target feature, and
+        // `available()` just read CPUID.01H:ECX.SSE4_2 = 1 on this CPU.
+        Some(unsafe { update_array(bytes) })
+    }
+
+    #[inline]
+    pub(super) fn crc32c_words<const N: usize, const TAIL: bool>(
+        words: &[u64; N],
+        tail: u32,
+    ) -> Option<u32> {
+        if !available() {
+            return None;
+        }
+        // SAFETY: as in `crc32c`: `update_words` only requires the `sse4.2` target feature, and
+        // `available()` just read CPUID.01H:ECX.SSE4_2 = 1 on this CPU.
+        Some(unsafe { update_words::<N, TAIL>(words, tail) })
+    }
 }
 
 #[cfg(all(target_arch = "aarch64", target_feature = "crc"))]
 mod imp {
     // Not compiled on the development machine (no aarch64 standard library there): see the
     // module documentation. The build guarantees the feature, so every call here is safe.
-    use core::arch::aarch64::{__crc32cb, __crc32cd};
+    use core::arch::aarch64::{__crc32cb, __crc32cd, __crc32cw};
 
     pub(super) fn available() -> bool {
         true
@@ -125,6 +195,26 @@ mod imp {
         }
         for &byte in tail {
             crc = __crc32cb(crc, byte);
+        }
+        Some(!crc)
+    }
+
+    #[inline]
+    pub(super) fn crc32c_array<const N: usize>(bytes: &[u8; N]) -> Option<u32> {
+        crc32c(bytes)
+    }
+
+    #[inline]
+    pub(super) fn crc32c_words<const N: usize, const TAIL: bool>(
+        words: &[u64; N],
+        tail: u32,
+    ) -> Option<u32> {
+        let mut crc = !0u32;
+        for &word in words {
+            crc = __crc32cd(crc, word);
+        }
+        if TAIL {
+            crc = __crc32cw(crc, tail);
         }
         Some(!crc)
     }
@@ -142,6 +232,17 @@ mod imp {
     pub(super) fn crc32c(_bytes: &[u8]) -> Option<u32> {
         None
     }
+
+    pub(super) fn crc32c_words<const N: usize, const TAIL: bool>(
+        _words: &[u64; N],
+        _tail: u32,
+    ) -> Option<u32> {
+        None
+    }
+
+    pub(super) fn crc32c_array<const N: usize>(_bytes: &[u8; N]) -> Option<u32> {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -157,6 +258,54 @@ mod tests {
                 assert_eq!(crc, 0xE306_9283);
             }
             None => assert!(!available()),
+        }
+    }
+
+    #[test]
+    fn word_entry_points_match_the_byte_one() {
+        let mut state = 0x2545_F491_4F6C_DD1D_u64;
+        let words: [u64; 12] = core::array::from_fn(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        });
+        let bytes = words.map(u64::to_le_bytes);
+        let bytes = bytes.as_flattened();
+        let tail = 0xA5C3_0F1E_u32;
+        let mut with_tail = [0u8; 100];
+        with_tail[..96].copy_from_slice(bytes);
+        with_tail[96..].copy_from_slice(&tail.to_le_bytes());
+        fn check<const N: usize>(words: &[u64; 12], bytes: &[u8], tail: u32, with_tail: &[u8]) {
+            let head: &[u64; N] = words.first_chunk().unwrap();
+            assert_eq!(crc32c_words(head), crc32c(&bytes[..8 * N]), "{N} words");
+            let array: &[u8; N] = bytes.first_chunk().unwrap();
+            assert_eq!(crc32c_array(array), crc32c(&bytes[..N]), "{N} bytes");
+            let mut tailed = [0u8; 100];
+            tailed[..8 * N].copy_from_slice(&bytes[..8 * N]);
+            tailed[8 * N..8 * N + 4].copy_from_slice(&tail.to_le_bytes());
+            assert_eq!(
+                crc32c_words_u32(head, tail),
+                crc32c(&tailed[..8 * N + 4]),
+                "{N} words + 4 bytes"
+            );
+            if N == 12 {
+                assert_eq!(crc32c_words_u32(head, tail), crc32c(with_tail));
+            }
+        }
+        check::<0>(&words, bytes, tail, &with_tail);
+        check::<1>(&words, bytes, tail, &with_tail);
+        check::<6>(&words, bytes, tail, &with_tail);
+        check::<7>(&words, bytes, tail, &with_tail);
+        check::<8>(&words, bytes, tail, &with_tail);
+        check::<10>(&words, bytes, tail, &with_tail);
+        check::<12>(&words, bytes, tail, &with_tail);
+        if available() {
+            assert_eq!(
+                crc32c_words(&[u64::from_le_bytes(*b"12345678")]),
+                crc32c(b"12345678")
+            );
+            assert!(crc32c_words(&[0u64; 6]).is_some());
         }
     }
 

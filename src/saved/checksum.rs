@@ -25,14 +25,55 @@ pub fn crc32c(bytes: &[u8]) -> u32 {
     }
 }
 
+/// [`crc32c`] of the little-endian bytes of `words`: the fixed-size form the records' hot paths
+/// use (the bytes are built as, or loaded into, words; no length dispatch).
+#[inline]
+pub(crate) fn crc32c_words<const N: usize>(words: &[u64; N]) -> u32 {
+    match crate::hwcrc::crc32c_words(words) {
+        Some(crc) => crc,
+        None => table_crc32c_words(words, None),
+    }
+}
+
+/// [`crc32c`] of the little-endian bytes of `words` followed by those of `tail`.
+#[inline]
+pub(crate) fn crc32c_words_u32<const N: usize>(words: &[u64; N], tail: u32) -> u32 {
+    match crate::hwcrc::crc32c_words_u32(words, tail) {
+        Some(crc) => crc,
+        None => table_crc32c_words(words, Some(tail)),
+    }
+}
+
+/// [`crc32c`] of a fixed-size array, checksummed where it lies: the decoders' form.
+#[inline]
+pub(crate) fn crc32c_array<const N: usize>(bytes: &[u8; N]) -> u32 {
+    match crate::hwcrc::crc32c_array(bytes) {
+        Some(crc) => crc,
+        None => table_crc32c(bytes),
+    }
+}
+
 /// The portable fallback: the `crc` crate's slicing-by-16 table.
 fn table_crc32c(bytes: &[u8]) -> u32 {
     CASTAGNOLI.checksum(bytes)
 }
 
+/// The table fallback of the word entry points (out of line: the hardware is the common case).
+#[inline(never)]
+fn table_crc32c_words(words: &[u64], tail: Option<u32>) -> u32 {
+    let mut digest = CASTAGNOLI.digest();
+    for word in words {
+        digest.update(&word.to_le_bytes());
+    }
+    if let Some(tail) = tail {
+        digest.update(&tail.to_le_bytes());
+    }
+    digest.finalize()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{crc32c, table_crc32c};
+    use super::{crc32c, crc32c_words, crc32c_words_u32, table_crc32c, table_crc32c_words};
 
     /// Bit-at-a-time reference: the definition, with nothing to get wrong but the polynomial.
     fn bitwise(bytes: &[u8]) -> u32 {
@@ -116,6 +157,47 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn word_forms_agree_with_the_byte_form_on_both_paths() {
+        let mut state = 0x0123_4567_89AB_CDEF_u64;
+        let words: [u64; 11] = core::array::from_fn(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        });
+        let tail = 0xDEAD_BEEF_u32;
+        let mut bytes = [0u8; 92];
+        for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        bytes[88..].copy_from_slice(&tail.to_le_bytes());
+        for n in 0..=11 {
+            let slice = &words[..n];
+            let plain = table_crc32c(&bytes[..8 * n]);
+            let mut tailed = [0u8; 92];
+            tailed[..8 * n].copy_from_slice(&bytes[..8 * n]);
+            tailed[8 * n..8 * n + 4].copy_from_slice(&tail.to_le_bytes());
+            let tailed = table_crc32c(&tailed[..8 * n + 4]);
+            assert_eq!(table_crc32c_words(slice, None), plain, "{n} words");
+            assert_eq!(
+                table_crc32c_words(slice, Some(tail)),
+                tailed,
+                "{n} words + tail"
+            );
+        }
+        let six: &[u64; 6] = words.first_chunk().unwrap();
+        assert_eq!(crc32c_words(six), crc32c(&bytes[..48]));
+        let forty_eight: &[u8; 48] = bytes.first_chunk().unwrap();
+        assert_eq!(super::crc32c_array(forty_eight), crc32c(&bytes[..48]));
+        let seven: &[u64; 7] = words.first_chunk().unwrap();
+        let mut tailed = [0u8; 60];
+        tailed[..56].copy_from_slice(&bytes[..56]);
+        tailed[56..].copy_from_slice(&tail.to_le_bytes());
+        assert_eq!(crc32c_words_u32(seven, tail), crc32c(&tailed));
+        assert_eq!(crc32c_words(&words), crc32c(&bytes[..88]));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use super::checksum::{crc32c_array, crc32c_words, crc32c_words_u32};
 use super::envelope::{self, Entries};
 use super::{EXTENSION_ENTRY_HEADER_LEN, Extension, HEADER_LEN, RestoreError, SaveError};
 
@@ -61,6 +62,78 @@ struct BodyV1 {
 
 const BODY_V1_LEN: usize = 40;
 const _: () = assert!(size_of::<BodyV1>() == BODY_V1_LEN);
+
+// The word-at-a-time paths ([`DeliveryRecord::encode_known`], [`DeliveryRecord::decode_known`])
+// see a record as little-endian `u64` words: word 0 is magic | checksum, word 1 is
+// version | flags | total_len (the first checksummed word), words 2..=6 the v1 body, then the
+// extension area. They produce and accept exactly what the general paths (`envelope::write`,
+// `envelope::open` + the extension walk) do for the four layouts this build writes; the tests
+// compare the two.
+
+/// The magic as the low half of word 0.
+const MAGIC_WORD: u64 = u32::from_le_bytes(DeliveryRecord::MAGIC) as u64;
+/// The low half of word 1: version 1, flags 0.
+const VERSION_WORD: u64 = DeliveryRecord::VERSION as u64;
+/// An extension entry header (tag, then data length, both `u16`) as a little-endian `u32`.
+const fn entry_header(tag: u16, len: usize) -> u32 {
+    tag as u32 | (len as u32) << 16
+}
+const TRACE_ENTRY: u32 = entry_header(TAG_TRACE_ID, TRACE_ID_LEN);
+const SAVE_ENTRY: u32 = entry_header(TAG_SAVE_ID, SAVE_ID_LEN);
+
+/// The encoded sizes of the four layouts this build writes.
+const LEN_PLAIN: usize = DeliveryRecord::MIN_ENCODED_LEN;
+const LEN_SAVE_ID: usize = LEN_PLAIN + EXTENSION_ENTRY_HEADER_LEN + SAVE_ID_LEN;
+const LEN_TRACE: usize = DeliveryRecord::MAX_ENCODED_LEN;
+const LEN_BOTH: usize = DeliveryRecord::MAX_SAVED_LEN;
+const _: () = assert!(LEN_PLAIN == 56 && LEN_SAVE_ID == 68 && LEN_TRACE == 76 && LEN_BOTH == 88);
+
+/// Word 1 of a record of `total` bytes.
+const fn header_word(total: usize) -> u64 {
+    VERSION_WORD | (total as u64) << 32
+}
+
+/// Little-endian `u64` of 8 bytes.
+#[inline(always)]
+fn le64(bytes: &[u8; 8]) -> u64 {
+    u64::from_le_bytes(*bytes)
+}
+
+/// Stores a record of `8 + 8 * N (+ 4 if TAIL)` bytes: word 0 (magic and the checksum of
+/// `covered` and `tail`), `covered`, and `tail`; zeroes the rest of `buf`. Nothing is written
+/// when `buf` is too small.
+#[inline(always)]
+fn put_words<const N: usize, const TAIL: bool>(
+    covered: &[u64; N],
+    tail: u32,
+    buf: &mut [u8],
+) -> Result<usize, SaveError> {
+    let total = 8 + 8 * N + if TAIL { 4 } else { 0 };
+    let Some((out, rest)) = buf.split_at_mut_checked(total) else {
+        return Err(SaveError::BufferTooSmall { needed: total });
+    };
+    // The checksum comes from the words in registers, before anything is stored: no load ever
+    // waits for the stores below.
+    let crc = if TAIL {
+        crc32c_words_u32(covered, tail)
+    } else {
+        crc32c_words(covered)
+    };
+    let (words, tail_out) = out.as_chunks_mut::<8>();
+    if let Some((head, body)) = words.split_first_mut() {
+        *head = (MAGIC_WORD | u64::from(crc) << 32).to_le_bytes();
+        for (chunk, word) in body.iter_mut().zip(covered) {
+            *chunk = word.to_le_bytes();
+        }
+    }
+    if TAIL {
+        tail_out.copy_from_slice(&tail.to_le_bytes());
+    }
+    if !rest.is_empty() {
+        rest.fill(0);
+    }
+    Ok(total)
+}
 
 impl DeliveryRecord {
     /// Magic of a delivery record: ASCII `VBDR`.
@@ -133,7 +206,104 @@ impl DeliveryRecord {
         self.encode_inner(None, extra, buf)
     }
 
+    #[inline]
     fn encode_inner(
+        &self,
+        save_id: Option<u64>,
+        extra: &[Extension<'_>],
+        buf: &mut [u8],
+    ) -> Result<usize, SaveError> {
+        if extra.is_empty() {
+            self.encode_known(save_id, buf)
+        } else {
+            self.encode_general(save_id, extra, buf)
+        }
+    }
+
+    /// The layouts this build writes (no foreign extensions), a word at a time: the covered
+    /// bytes are built as little-endian words in registers, checksummed from the registers, and
+    /// each word is stored once. Byte-identical to [`encode_general`](Self::encode_general)
+    /// with no `extra` (tested).
+    #[inline]
+    fn encode_known(&self, save_id: Option<u64>, buf: &mut [u8]) -> Result<usize, SaveError> {
+        if let Err(field) = self.validate() {
+            return Err(SaveError::InvalidRecord { field });
+        }
+        let (sequence, tag, posted_at) = (self.sequence, self.tag, self.posted_at);
+        let lens = u64::from(self.payload_len) | u64::from(self.payload_crc) << 32;
+        // `attempts`, then the six reserved zero bytes.
+        let attempts = u64::from(self.attempts);
+        match (&self.trace_id, save_id) {
+            (None, None) => put_words::<6, false>(
+                &[
+                    header_word(LEN_PLAIN),
+                    sequence,
+                    tag,
+                    posted_at,
+                    lens,
+                    attempts,
+                ],
+                0,
+                buf,
+            ),
+            (None, Some(id)) => put_words::<7, true>(
+                &[
+                    header_word(LEN_SAVE_ID),
+                    sequence,
+                    tag,
+                    posted_at,
+                    lens,
+                    attempts,
+                    u64::from(SAVE_ENTRY) | id << 32,
+                ],
+                (id >> 32) as u32,
+                buf,
+            ),
+            (Some(trace), save_id) => {
+                let (t0, rest) = trace.split_first_chunk::<4>().unwrap_or((&[0; 4], &[]));
+                let (t1, t2) = rest.split_first_chunk::<8>().unwrap_or((&[0; 8], &[]));
+                let t2: [u8; 4] = t2.try_into().unwrap_or([0; 4]);
+                let first = u64::from(TRACE_ENTRY) | u64::from(u32::from_le_bytes(*t0)) << 32;
+                let t2 = u32::from_le_bytes(t2);
+                match save_id {
+                    None => put_words::<8, true>(
+                        &[
+                            header_word(LEN_TRACE),
+                            sequence,
+                            tag,
+                            posted_at,
+                            lens,
+                            attempts,
+                            first,
+                            le64(t1),
+                        ],
+                        t2,
+                        buf,
+                    ),
+                    Some(id) => put_words::<10, false>(
+                        &[
+                            header_word(LEN_BOTH),
+                            sequence,
+                            tag,
+                            posted_at,
+                            lens,
+                            attempts,
+                            first,
+                            le64(t1),
+                            u64::from(t2) | u64::from(SAVE_ENTRY) << 32,
+                            id,
+                        ],
+                        0,
+                        buf,
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Any layout, foreign extensions included, through the shared envelope writer.
+    #[inline(never)]
+    fn encode_general(
         &self,
         save_id: Option<u64>,
         extra: &[Extension<'_>],
@@ -190,13 +360,140 @@ impl DeliveryRecord {
 
     /// Decodes and fully validates an untrusted record. `bytes` may be longer than the record
     /// (a padded restore buffer) as long as every byte after it is zero.
+    #[inline]
     pub fn decode(bytes: &[u8]) -> Result<Self, RestoreError> {
         Self::decode_saved(bytes).map(|(record, _)| record)
     }
 
     /// Like [`decode`](Self::decode), also returning the save identity ([`TAG_SAVE_ID`]) if the
     /// record carries one.
+    #[inline]
     pub fn decode_saved(bytes: &[u8]) -> Result<(Self, Option<u64>), RestoreError> {
+        match Self::decode_known(bytes) {
+            Some(decoded) => Ok(decoded),
+            None => Self::decode_general(bytes),
+        }
+    }
+
+    /// Recognizes a valid record in one of the four layouts this build writes, validating it
+    /// from words loaded once; `None` for anything else, valid or not, which
+    /// [`decode_general`](Self::decode_general) then judges. So every error, and every record
+    /// this path does not know, goes through the general decoder, and this path only has to
+    /// accept nothing the general one would reject (tested: same result on every input).
+    #[inline(always)]
+    fn decode_known(bytes: &[u8]) -> Option<(Self, Option<u64>)> {
+        let (fixed, ext) = bytes.split_first_chunk::<LEN_PLAIN>()?;
+        let (w0, covered) = fixed.split_first_chunk::<8>()?;
+        let covered: &[u8; LEN_PLAIN - 8] = covered.try_into().ok()?;
+        let (words, _) = covered.as_chunks::<8>();
+        let &[w1, w2, w3, w4, w5, w6] = words else {
+            return None;
+        };
+        let w0 = le64(w0);
+        let w1 = le64(&w1);
+        // Magic; version 1 and flags 0.
+        if w0 as u32 != MAGIC_WORD as u32 || w1 as u32 != VERSION_WORD as u32 {
+            return None;
+        }
+        let total = (w1 >> 32) as usize;
+        // The plain layout's checksum straight from the input: no copy, one fixed-size call.
+        let (crc, trace_id, save_id) = if total == LEN_PLAIN {
+            (crc32c_array(covered), None, None)
+        } else {
+            Self::known_extensions(total, covered, ext)?
+        };
+        if crc != (w0 >> 32) as u32 {
+            return None;
+        }
+        // Zero padding only after the record (a padded restore buffer).
+        let trailing = bytes.get(total..)?;
+        if !trailing.is_empty() && trailing.iter().any(|&b| b != 0) {
+            return None;
+        }
+        let [w2, w3, w4, w5, w6] = [w2, w3, w4, w5, w6].map(u64::from_le_bytes);
+        // The reserved bytes after `attempts`.
+        if w6 >> 16 != 0 {
+            return None;
+        }
+        let record = Self {
+            sequence: w2,
+            tag: w3,
+            posted_at: w4,
+            payload_len: w5 as u32,
+            payload_crc: (w5 >> 32) as u32,
+            attempts: w6 as u16,
+            trace_id,
+        };
+        if record.validate().is_err() {
+            return None;
+        }
+        Some((record, save_id))
+    }
+
+    /// The rest of [`decode_known`](Self::decode_known) for the layouts with extensions (save id,
+    /// trace id, both): the checksum of `body` (words 1..=6) and the area `ext` after it, and
+    /// the extensions, if `ext` holds exactly the entries this build writes for `total`. Out of
+    /// line, so that the plain layout's path stays small.
+    #[inline(never)]
+    fn known_extensions(
+        total: usize,
+        covered: &[u8; LEN_PLAIN - 8],
+        ext: &[u8],
+    ) -> Option<(u32, Option<[u8; TRACE_ID_LEN]>, Option<u64>)> {
+        let (words, _) = covered.as_chunks::<8>();
+        let &[b1, b2, b3, b4, b5, b6] = words else {
+            return None;
+        };
+        let [b1, b2, b3, b4, b5, b6] = [b1, b2, b3, b4, b5, b6].map(u64::from_le_bytes);
+        let known = match total {
+            LEN_SAVE_ID => {
+                let area: &[u8; LEN_SAVE_ID - LEN_PLAIN] = ext.first_chunk()?;
+                let (w7, t) = area.split_first_chunk::<8>()?;
+                let (w7, t) = (le64(w7), u32::from_le_bytes(t.try_into().ok()?));
+                if w7 as u32 != SAVE_ENTRY {
+                    return None;
+                }
+                let id = w7 >> 32 | u64::from(t) << 32;
+                let crc = crc32c_words_u32(&[b1, b2, b3, b4, b5, b6, w7], t);
+                (crc, None, Some(id))
+            }
+            LEN_TRACE => {
+                let area: &[u8; LEN_TRACE - LEN_PLAIN] = ext.first_chunk()?;
+                let (head, t) = area.split_first_chunk::<16>()?;
+                let (w7, w8) = head.split_first_chunk::<8>()?;
+                let (w7, w8) = (le64(w7), le64(w8.try_into().ok()?));
+                let t = u32::from_le_bytes(t.try_into().ok()?);
+                if w7 as u32 != TRACE_ENTRY {
+                    return None;
+                }
+                let trace: [u8; TRACE_ID_LEN] = area.get(4..20)?.try_into().ok()?;
+                let crc = crc32c_words_u32(&[b1, b2, b3, b4, b5, b6, w7, w8], t);
+                (crc, Some(trace), None)
+            }
+            LEN_BOTH => {
+                let area: &[u8; LEN_BOTH - LEN_PLAIN] = ext.first_chunk()?;
+                let (words, _) = area.as_chunks::<8>();
+                let &[w7, w8, w9, w10] = words else {
+                    return None;
+                };
+                let [w7, w8, w9, w10] = [w7, w8, w9, w10].map(u64::from_le_bytes);
+                if w7 as u32 != TRACE_ENTRY || (w9 >> 32) as u32 != SAVE_ENTRY {
+                    return None;
+                }
+                let trace: [u8; TRACE_ID_LEN] = area.get(4..20)?.try_into().ok()?;
+                let crc = crc32c_words(&[b1, b2, b3, b4, b5, b6, w7, w8, w9, w10]);
+                (crc, Some(trace), Some(w10))
+            }
+            _ => return None,
+        };
+        Some(known)
+    }
+
+    /// Any input, through the shared envelope reader and the extension walk: every error, and
+    /// any record with extensions this build does not write.
+    #[cold]
+    #[inline(never)]
+    fn decode_general(bytes: &[u8]) -> Result<(Self, Option<u64>), RestoreError> {
         let opened = envelope::open(Self::MAGIC, bytes)?;
         if opened.version != Self::VERSION {
             return Err(RestoreError::UnsupportedVersion {
@@ -246,5 +543,230 @@ impl DeliveryRecord {
             .validate()
             .map_err(|field| RestoreError::OutOfRange { field })?;
         Ok((record, save_id))
+    }
+}
+
+#[cfg(test)]
+mod word_path_tests {
+    //! The word-at-a-time paths against the general ones: same bytes out, same verdict in.
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::saved::PRIVATE_TAG_MIN;
+    use crate::saved::checksum::crc32c;
+
+    fn any_record() -> impl Strategy<Value = DeliveryRecord> {
+        // Mostly valid values, with the boundaries and invalid ones (0, too large) mixed in.
+        let sequence = prop_oneof![Just(0u64), Just(1), Just(u64::MAX), any::<u64>()];
+        let payload_len = prop_oneof![
+            Just(0u32),
+            Just(1),
+            Just(MAX_PAYLOAD_LEN),
+            Just(MAX_PAYLOAD_LEN + 1),
+            1..=MAX_PAYLOAD_LEN,
+            any::<u32>(),
+        ];
+        let attempts = prop_oneof![Just(0u16), Just(1), Just(u16::MAX), any::<u16>()];
+        (
+            sequence,
+            any::<u64>(),
+            any::<u64>(),
+            payload_len,
+            any::<u32>(),
+            attempts,
+            proptest::option::of(any::<[u8; 16]>()),
+        )
+            .prop_map(
+                |(sequence, tag, posted_at, payload_len, payload_crc, attempts, trace_id)| {
+                    DeliveryRecord {
+                        sequence,
+                        tag,
+                        posted_at,
+                        payload_len,
+                        payload_crc,
+                        attempts,
+                        trace_id,
+                    }
+                },
+            )
+    }
+
+    fn valid_record() -> impl Strategy<Value = DeliveryRecord> {
+        any_record().prop_filter("valid", |r| r.validate().is_ok())
+    }
+
+    /// Recomputes the checksum of a record whose bytes a test changed, if its `total_len` is
+    /// usable, so that the checks after the checksum are reached.
+    fn reseal(bytes: &mut [u8]) {
+        let Some(total) = bytes.get(12..16) else {
+            return;
+        };
+        let total = u32::from_le_bytes(total.try_into().unwrap()) as usize;
+        if (8..=bytes.len()).contains(&total) {
+            let crc = crc32c(&bytes[8..total]);
+            bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+
+    fn same_verdict(bytes: &[u8]) {
+        assert_eq!(
+            DeliveryRecord::decode_saved(bytes),
+            DeliveryRecord::decode_general(bytes),
+            "{bytes:02x?}"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn encode_matches_the_general_encoder(
+            record in any_record(),
+            save_id in proptest::option::of(any::<u64>()),
+            len in 0usize..130,
+            fill in any::<u8>(),
+        ) {
+            let mut fast = [fill; 130];
+            let mut general = [fill; 130];
+            let a = record.encode_saved(save_id, &mut fast[..len]);
+            let b = record.encode_general(save_id, &[], &mut general[..len]);
+            prop_assert_eq!(a, b);
+            prop_assert_eq!(&fast[..], &general[..]);
+            if save_id.is_none() {
+                let mut plain = [fill; 130];
+                prop_assert_eq!(record.encode(&mut plain[..len]), b);
+                prop_assert_eq!(&plain[..], &general[..]);
+            }
+        }
+
+        #[test]
+        fn every_layout_round_trips_through_the_word_decoder(
+            record in valid_record(),
+            save_id in proptest::option::of(any::<u64>()),
+            padding in 0usize..40,
+        ) {
+            let mut buf = [0u8; 128];
+            let len = record.encode_saved(save_id, &mut buf).unwrap();
+            prop_assert_eq!(len, record.encoded_len_saved(save_id));
+            let bytes = &buf[..len + padding];
+            // The word path takes it (so the fast path is what the benches measure)...
+            prop_assert_eq!(DeliveryRecord::decode_known(bytes), Some((record, save_id)));
+            // ...and agrees with the general one.
+            prop_assert_eq!(DeliveryRecord::decode_general(bytes), Ok((record, save_id)));
+            if padding > 0 {
+                let mut dirty = buf;
+                dirty[len + padding - 1] = 1;
+                same_verdict(&dirty[..len + padding]);
+            }
+        }
+
+        #[test]
+        fn random_bytes_get_the_general_verdict(
+            mut bytes in proptest::collection::vec(any::<u8>(), 0..100),
+            magic in any::<bool>(),
+            total in prop_oneof![Just(56u32), Just(68), Just(76), Just(88), any::<u32>()],
+            seal in any::<bool>(),
+        ) {
+            if magic && bytes.len() >= 16 {
+                bytes[..4].copy_from_slice(&DeliveryRecord::MAGIC);
+                bytes[8..12].copy_from_slice(&[1, 0, 0, 0]);
+                bytes[12..16].copy_from_slice(&total.to_le_bytes());
+            }
+            if seal {
+                reseal(&mut bytes);
+            }
+            same_verdict(&bytes);
+        }
+    }
+
+    /// Every single-byte change of every layout (with and without the checksum fixed up, so the
+    /// checks behind it are reached), every truncation, and one more byte: the word path says what
+    /// the general one says.
+    #[test]
+    fn every_single_byte_corruption_gets_the_general_verdict() {
+        let base = DeliveryRecord {
+            sequence: 123_456,
+            tag: 0x1234_5678_9ABC_DEF0,
+            posted_at: 133_500_000_000_000_000,
+            payload_len: 512,
+            payload_crc: 0xCAFE_F00D,
+            attempts: 1,
+            trace_id: None,
+        };
+        let traced = DeliveryRecord {
+            trace_id: Some(core::array::from_fn(|i| 0xA0 + i as u8)),
+            ..base
+        };
+        let mut cases = 0;
+        for record in [base, traced] {
+            for save_id in [None, Some(0x0102_0304_0506_0708)] {
+                let mut buf = [0u8; 96];
+                let len = record.encode_saved(save_id, &mut buf).unwrap();
+                for padded in [len, len + 8] {
+                    let clean = &buf[..padded];
+                    assert!(DeliveryRecord::decode_known(clean).is_some());
+                    for at in 0..padded {
+                        for flip in [0x01u8, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xFF] {
+                            let mut bytes = buf;
+                            bytes[at] ^= flip;
+                            let bytes = &mut bytes[..padded];
+                            same_verdict(bytes);
+                            reseal(bytes);
+                            same_verdict(bytes);
+                            cases += 2;
+                        }
+                        // Every byte value at the reserved, flag and extension-header positions.
+                        if matches!(at, 10..=15 | 48..=63 | 72..=79) {
+                            for value in 0..=255u8 {
+                                let mut bytes = buf;
+                                bytes[at] = value;
+                                let bytes = &mut bytes[..padded];
+                                reseal(bytes);
+                                same_verdict(bytes);
+                                cases += 1;
+                            }
+                        }
+                    }
+                    for cut in 0..padded {
+                        same_verdict(&buf[..cut]);
+                    }
+                    let mut longer = [0u8; 97];
+                    longer[..96].copy_from_slice(&buf);
+                    longer[padded] = 0x5A;
+                    same_verdict(&longer[..=padded]);
+                }
+            }
+        }
+        assert!(cases > 10_000);
+    }
+
+    /// Records with extensions this build does not write go through the general paths, which
+    /// must still encode and decode them; critical-bit variants of known tags too.
+    #[test]
+    fn foreign_layouts_take_the_general_paths() {
+        let record = DeliveryRecord {
+            sequence: 9,
+            tag: 1,
+            posted_at: 2,
+            payload_len: 3,
+            payload_crc: 4,
+            attempts: 5,
+            trace_id: Some([7; 16]),
+        };
+        let extra = [Extension {
+            tag: PRIVATE_TAG_MIN,
+            critical: false,
+            data: &[1, 2, 3],
+        }];
+        let mut buf = [0u8; 128];
+        let len = record.encode_with_extensions(&extra, &mut buf).unwrap();
+        assert_eq!(DeliveryRecord::decode_known(&buf[..len]), None);
+        assert_eq!(DeliveryRecord::decode(&buf[..len]), Ok(record));
+        // The trace id's entry with the critical bit set: still understood, by the general path.
+        let len = record.encode(&mut buf).unwrap();
+        buf[57] |= 0x80;
+        let crc = crc32c(&buf[8..len]);
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(DeliveryRecord::decode_known(&buf[..len]), None);
+        assert_eq!(DeliveryRecord::decode(&buf[..len]), Ok(record));
     }
 }

@@ -261,6 +261,39 @@ impl DeliveryTable {
         })
     }
 
+    /// Benchmark support (`benches/save_restore.rs`), not for the driver: a table as a
+    /// negotiated, running channel has it, ready for posts ([`reserve`](Self::reserve)) and a
+    /// save ([`begin_save`](Self::begin_save)), so the save callback's table work can be timed
+    /// without a simulator.
+    #[doc(hidden)]
+    pub fn bench_running(capacity: u32) -> Result<Self, AllocError> {
+        let mut table = Self::try_new(capacity)?;
+        table.protocol_version = 1;
+        table.running = true;
+        Ok(table)
+    }
+
+    /// Benchmark support (`benches/save_restore.rs`), not for the driver: a fresh table as the
+    /// restore of a channel record with `next_sequence`, `max_message_len` and save identity
+    /// `save_id` leaves it, so the restore callback's table work
+    /// ([`accept_restored`](Self::accept_restored)) can be timed without a simulator.
+    #[doc(hidden)]
+    pub fn bench_restoring(
+        capacity: u32,
+        next_sequence: u64,
+        max_message_len: u32,
+        save_id: Option<u64>,
+    ) -> Result<Self, AllocError> {
+        let mut table = Self::try_new(capacity)?;
+        table.next_sequence = next_sequence;
+        table.restore_max_message_len = max_message_len;
+        table.adopt_saved_identity(save_id.map(|save_id| SaveIdentity {
+            save_id,
+            restore_generation: 0,
+        }));
+        Ok(table)
+    }
+
     /// How many deliveries the table holds at most.
     pub fn capacity(&self) -> u32 {
         // INVARIANT: `slots.len()` was created from a u32.
@@ -399,6 +432,17 @@ impl DeliveryTable {
         delivery
     }
 
+    /// What the save callback needs under the lock, per call: the delivery behind `token` (see
+    /// [`delivery_for_save`](Self::delivery_for_save)) and the open save's identity, which goes
+    /// into the record.
+    pub fn save_lookup(&mut self, token: Option<Token>) -> (Option<DeliveryRecord>, Option<u64>) {
+        let delivery = self.delivery_for_save(token);
+        (
+            delivery,
+            self.save_identity.map(|identity| identity.save_id),
+        )
+    }
+
     /// Records that the save callback wrote `token`'s record into KMCL's buffer (a probe is no
     /// write). A second write of one delivery in one save fails the save.
     pub fn record_save_write(&mut self, token: Token) {
@@ -512,6 +556,29 @@ impl DeliveryTable {
             count += 1;
         }
         count
+    }
+
+    /// The restore callback's work under the lock for one decoded record: it must carry the save
+    /// identity the channel record carried (none if that carried none), its payload must fit the
+    /// saved channel's and `max_message_len` (this channel's) limit, then it is
+    /// [inserted](Self::insert_restored). `Err` is the status the callback returns.
+    pub fn accept_restored(
+        &mut self,
+        record: DeliveryRecord,
+        save_id: Option<u64>,
+        max_message_len: u32,
+        expected: u32,
+    ) -> Result<Token, NtStatus> {
+        if save_id != self.restore_binding {
+            // Another save's delivery (or a record stripped of, or given, an identity).
+            return Err(NtStatus::DATA_ERROR);
+        }
+        if record.payload_len > self.restore_max_message_len.min(max_message_len) {
+            // Larger than the saved channel (or this one) ever allowed.
+            return Err(NtStatus::DATA_ERROR);
+        }
+        self.insert_restored(record, expected)
+            .map_err(|error| error.status())
     }
 
     /// Inserts a delivery rebuilt from a saved record; its `attempts` grows by one.

@@ -135,16 +135,9 @@ impl<L: DispatchLock<DeliveryTable>> ChannelEvents for Vsp<L> {
         buffer: Option<&mut [u8]>,
     ) -> SavePacketAnswer {
         let token = packet.token();
-        let (delivery, identity) = self.table.with(|table| {
-            let delivery = table.delivery_for_save(token);
-            (delivery, table.save_identity)
-        });
+        let (delivery, save_id) = self.table.with(|table| table.save_lookup(token));
         let is_write = buffer.is_some();
-        let answer = answer_save(
-            delivery.as_ref(),
-            identity.map(|identity| identity.save_id),
-            buffer,
-        );
+        let answer = answer_save(delivery.as_ref(), save_id, buffer);
         if is_write
             && answer.status.is_success()
             && let Some(token) = token
@@ -175,19 +168,9 @@ impl<L: DispatchLock<DeliveryTable>> ChannelEvents for Vsp<L> {
             Err(error) => return restore_status(error),
         };
         let expected = self.expected_restored.load(Ordering::Acquire);
-        let inserted = self.table.with(|table| {
-            if save_id != table.restore_binding {
-                // Another save's delivery (or a record stripped of, or given, an identity).
-                return Err(NtStatus::DATA_ERROR);
-            }
-            if record.payload_len > table.restore_max_message_len.min(self.max_message_len) {
-                // Larger than the saved channel (or this one) ever allowed.
-                return Err(NtStatus::DATA_ERROR);
-            }
-            table
-                .insert_restored(record, expected)
-                .map_err(|error| error.status())
-        });
+        let inserted = self
+            .table
+            .with(|table| table.accept_restored(record, save_id, self.max_message_len, expected));
         let token = match inserted {
             Ok(token) => token,
             Err(status) => return status,
