@@ -22,7 +22,9 @@ campaign_target() {
     : >"$log"
     [ -x "$bin" ] || { echo "$target: no fuzzer binary at $bin (build first)" >&2; return 2; }
     wall_started=$(date +%s)
-    while [ "$used" -lt "$budget" ] && [ "$crashes" -lt "$max_crashes_per_target" ]; do
+    local deadline_hit=0
+    while [ "$used" -lt "$budget" ] && [ "$crashes" -lt "$max_crashes_per_target" ] \
+        && [ "$deadline_hit" -eq 0 ]; do
         nice -n 19 "$bin" -artifact_prefix="$artifacts/" -timeout=20 -rss_limit_mb=4096 \
             -print_final_stats=1 "$corpus" >>"$log" 2>&1 &
         pid=$!
@@ -31,6 +33,11 @@ campaign_target() {
             cpu=$(cpu_seconds_of "$pid")
             [ -n "$cpu" ] && last="$cpu"
             if [ $((used + last)) -ge "$budget" ]; then
+                kill -INT "$pid" 2>/dev/null
+                break
+            fi
+            if [ "$stop_at" -gt 0 ] && [ "$(date +%s)" -ge "$stop_at" ]; then
+                deadline_hit=1
                 kill -INT "$pid" 2>/dev/null
                 break
             fi

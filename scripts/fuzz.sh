@@ -3,7 +3,7 @@
 #
 #   scripts/fuzz.sh [SECONDS]                       # SECONDS (default 60) wall time per target, in turn
 #   FUZZ_TARGETS="decode_saved restore_e2e" scripts/fuzz.sh 30     # a subset
-#   scripts/fuzz.sh --campaign CPU_SECONDS [--lanes N] [--no-build]
+#   scripts/fuzz.sh --campaign CPU_SECONDS [--lanes N] [--no-build] [--stop-at EPOCH_SECONDS]
 #
 # Campaign mode is for long runs (hours). Each target fuzzes until its fuzzer process has used
 # CPU_SECONDS of CPU time (user + system, read from /proc; wall time depends on what else the
@@ -13,6 +13,8 @@
 # with libFuzzer's `-merge=1` (same coverage, fewer inputs), and one line per target goes to
 # $FUZZ_LOG_DIR/campaign.tsv: commit, CPU s, wall s, executions, exec/s, cov, ft, corpus before
 # and after minimizing, crashes. `--no-build` reuses the binaries already in fuzz/target.
+# `--stop-at` (e.g. `--stop-at "$(date -d 11:40 +%s)"`) ends every target at that wall-clock
+# time even if its budget is not used up; its line then shows the CPU seconds it really got.
 #
 # 1. Seeds the corpora (fuzz/corpus/<target>/, gitignored): the golden blobs for decode_saved
 #    (fuzz/seed-corpus.sh) and real runs of the driver over the simulator for every target
@@ -27,6 +29,7 @@
 set -uo pipefail
 
 campaign=0
+stop_at=0
 lanes=2
 build=1
 seconds=60
@@ -35,12 +38,13 @@ while [ $# -gt 0 ]; do
         --campaign) campaign=1; seconds="${2:-}"; shift 2 || true ;;
         --lanes) lanes="${2:-}"; shift 2 || true ;;
         --no-build) build=0; shift ;;
+        --stop-at) stop_at="${2:-}"; shift 2 || true ;;
         *) seconds="$1"; shift ;;
     esac
 done
 if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [ "$seconds" -lt 1 ] \
-    || ! [[ "$lanes" =~ ^[0-9]+$ ]] || [ "$lanes" -lt 1 ]; then
-    echo "usage: $0 [SECONDS >= 1] | $0 --campaign CPU_SECONDS [--lanes N] [--no-build]" >&2
+    || ! [[ "$lanes" =~ ^[0-9]+$ ]] || [ "$lanes" -lt 1 ] || ! [[ "$stop_at" =~ ^[0-9]+$ ]]; then
+    echo "usage: $0 [SECONDS >= 1] | $0 --campaign CPU_SECONDS [--lanes N] [--no-build] [--stop-at EPOCH]" >&2
     exit 2
 fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
