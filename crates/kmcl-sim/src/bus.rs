@@ -207,6 +207,15 @@ impl Kmcl {
         let deadline = Instant::now() + timeout;
         let mut st = self.shared.lock();
         loop {
+            // Deterministic mode: a step that ran means the instance was not idle, so the idle
+            // check is needed only once nothing ran (`run_one` finds nothing runnable when idle).
+            if Instant::now() < deadline {
+                let (guard, ran) = self.shared.run_one(st);
+                st = guard;
+                if ran {
+                    continue;
+                }
+            }
             if workers::is_idle(&st, &self.shared.config) {
                 return true;
             }

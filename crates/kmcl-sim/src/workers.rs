@@ -456,16 +456,13 @@ fn dpc_runnable(st: &State, config: &SimConfig) -> bool {
         if st.flushable(seq, ring_capacity) {
             return true;
         }
-        if st.flowing(seq).is_none() {
-            return st.completions_flow(seq, config).is_some_and(|g| {
+        let Some(guest) = st.flowing_ref(seq) else {
+            return st.completions_flow_ref(seq, config).is_some_and(|g| {
                 g.memory()
                     .to_host
                     .iter()
                     .any(|m| matches!(m, ToHost::Completion { .. }))
             });
-        }
-        let Some(guest) = st.flowing(seq) else {
-            return false;
         };
         if !c.deferred.is_empty() {
             return true;

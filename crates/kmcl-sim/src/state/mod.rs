@@ -439,13 +439,18 @@ impl State {
 
     /// The guest memory of a channel bound to a guest whose channel is open (same generation).
     fn open_guest(&self, seq: u32) -> Option<Arc<GuestShared>> {
+        self.open_guest_ref(seq).map(Arc::clone)
+    }
+
+    /// [`State::open_guest`] without the reference count (for checks under the state lock).
+    fn open_guest_ref(&self, seq: u32) -> Option<&Arc<GuestShared>> {
         let c = self.channels.get(&seq)?;
         match &c.link {
             Link::Bound(g) => {
                 let mem = g.memory();
                 (mem.open == OpenState::Open
                     && (!c.opened || mem.generation == c.opened_generation))
-                    .then(|| Arc::clone(g))
+                    .then_some(g)
             }
             _ => None,
         }
@@ -519,17 +524,22 @@ impl State {
         if !c.running || c.host_queue.is_empty() {
             return false;
         }
-        self.open_guest(seq)
+        self.open_guest_ref(seq)
             .is_some_and(|g| g.memory().ring.len() < ring_capacity)
     }
 
     /// Whether the channel's incoming ring is being processed.
     pub(crate) fn flowing(&self, seq: u32) -> Option<Arc<GuestShared>> {
+        self.flowing_ref(seq).map(Arc::clone)
+    }
+
+    /// [`State::flowing`] without the reference count (for checks under the state lock).
+    pub(crate) fn flowing_ref(&self, seq: u32) -> Option<&Arc<GuestShared>> {
         let c = self.channels.get(&seq)?;
         if !(c.running && c.queue_enabled && !c.queue_failed) {
             return None;
         }
-        self.open_guest(seq)
+        self.open_guest_ref(seq)
     }
 
     /// Whether guest completions on the channel are being processed: while incoming packets are
@@ -541,7 +551,16 @@ impl State {
         seq: u32,
         config: &SimConfig,
     ) -> Option<Arc<GuestShared>> {
-        if let Some(guest) = self.flowing(seq) {
+        self.completions_flow_ref(seq, config).map(Arc::clone)
+    }
+
+    /// [`State::completions_flow`] without the reference count.
+    pub(crate) fn completions_flow_ref(
+        &self,
+        seq: u32,
+        config: &SimConfig,
+    ) -> Option<&Arc<GuestShared>> {
+        if let Some(guest) = self.flowing_ref(seq) {
             return Some(guest);
         }
         let c = self.channels.get(&seq)?;
@@ -552,7 +571,7 @@ impl State {
         if !(while_paused && c.opened && c.ran_since_enable && c.lifecycle != Lifecycle::Disabled) {
             return None;
         }
-        self.open_guest(seq)
+        self.open_guest_ref(seq)
     }
 
     /// Queues cancellation of the channel's packets in flight (`Sent` only, or also `Queued`).
