@@ -770,3 +770,149 @@ mod word_path_tests {
         assert_eq!(DeliveryRecord::decode(&buf[..len]), Ok(record));
     }
 }
+
+#[cfg(test)]
+mod review15_tests {
+    //! review15: fast (`decode_known`) vs general (`decode_general`) on valid records of every
+    //! layout after several random and structured mutations, the checksum recomputed afterwards
+    //! so the mutations reach the field and extension checks.
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::saved::checksum::crc32c;
+    extern crate alloc;
+    #[allow(unused_imports)]
+    use alloc::vec;
+    use alloc::vec::Vec;
+
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Byte(usize, u8),
+        /// Overwrite `total_len` with one of the known lengths (or a neighbour).
+        Total(u32),
+        /// Overwrite a 4-byte window with an extension entry header.
+        EntryHeader(usize, u16, u16),
+        /// Overwrite the u16 at an offset.
+        Word16(usize, u16),
+        /// Truncate or extend with zeros / a byte.
+        Resize(usize, u8),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        let tag = prop_oneof![
+            Just(TAG_TRACE_ID),
+            Just(TAG_SAVE_ID),
+            Just(TAG_TRACE_ID | 0x8000),
+            Just(TAG_SAVE_ID | 0x8000),
+            Just(3u16),
+            Just(0u16),
+            any::<u16>()
+        ];
+        let len = prop_oneof![
+            Just(0u16),
+            Just(8),
+            Just(16),
+            Just(4),
+            Just(12),
+            Just(20),
+            any::<u16>()
+        ];
+        prop_oneof![
+            4 => (0usize..96, any::<u8>()).prop_map(|(a, b)| Mutation::Byte(a, b)),
+            2 => prop_oneof![
+                Just(56u32), Just(68), Just(76), Just(88), Just(57), Just(64), Just(72),
+                Just(80), Just(84), Just(92), Just(16), Just(0), Just(u32::MAX)
+            ]
+            .prop_map(Mutation::Total),
+            2 => (prop_oneof![Just(56usize), Just(68), Just(76), 48usize..92], tag, len)
+                .prop_map(|(a, t, l)| Mutation::EntryHeader(a, t, l)),
+            1 => (prop_oneof![Just(8usize), Just(10), Just(48), Just(50), Just(52), Just(54)], any::<u16>())
+                .prop_map(|(a, v)| Mutation::Word16(a, v)),
+            1 => (40usize..100, any::<u8>()).prop_map(|(n, b)| Mutation::Resize(n, b)),
+        ]
+    }
+
+    fn apply(bytes: &mut Vec<u8>, m: &Mutation) {
+        match *m {
+            Mutation::Byte(at, v) => {
+                if let Some(b) = bytes.get_mut(at) {
+                    *b = v;
+                }
+            }
+            Mutation::Total(t) => {
+                if bytes.len() >= 16 {
+                    bytes[12..16].copy_from_slice(&t.to_le_bytes());
+                }
+            }
+            Mutation::EntryHeader(at, tag, len) => {
+                if bytes.len() >= at + 4 {
+                    bytes[at..at + 2].copy_from_slice(&tag.to_le_bytes());
+                    bytes[at + 2..at + 4].copy_from_slice(&len.to_le_bytes());
+                }
+            }
+            Mutation::Word16(at, v) => {
+                if bytes.len() >= at + 2 {
+                    bytes[at..at + 2].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            Mutation::Resize(n, fill) => {
+                let old = bytes.len();
+                bytes.resize(n, 0);
+                if n > old && fill & 1 == 1 {
+                    bytes[n - 1] = fill;
+                }
+            }
+        }
+    }
+
+    fn reseal(bytes: &mut [u8]) {
+        let Some(total) = bytes.get(12..16) else {
+            return;
+        };
+        let total = u32::from_le_bytes(total.try_into().unwrap()) as usize;
+        if (8..=bytes.len()).contains(&total) {
+            let crc = crc32c(&bytes[8..total]);
+            bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+        #[test]
+        fn review15_mutated_layouts_get_the_general_verdict(
+            seq in 1u64..=u64::MAX,
+            tag in any::<u64>(),
+            posted in any::<u64>(),
+            plen in 1u32..=MAX_PAYLOAD_LEN,
+            pcrc in any::<u32>(),
+            attempts in 1u16..=u16::MAX,
+            trace in proptest::option::of(any::<[u8; 16]>()),
+            save_id in proptest::option::of(any::<u64>()),
+            padding in 0usize..12,
+            mutations in proptest::collection::vec(mutation(), 1..4),
+            seal in prop_oneof![4 => Just(true), 1 => Just(false)],
+        ) {
+            let record = DeliveryRecord {
+                sequence: seq, tag, posted_at: posted, payload_len: plen,
+                payload_crc: pcrc, attempts, trace_id: trace,
+            };
+            let mut buf = [0u8; 128];
+            let len = record.encode_saved(save_id, &mut buf).unwrap();
+            let mut bytes = buf[..len + padding].to_vec();
+            prop_assert_eq!(DeliveryRecord::decode_saved(&bytes), Ok((record, save_id)));
+            for m in &mutations {
+                apply(&mut bytes, m);
+            }
+            if seal {
+                reseal(&mut bytes);
+            }
+            let fast = DeliveryRecord::decode_known(&bytes);
+            let general = DeliveryRecord::decode_general(&bytes);
+            if let Some(fast) = fast {
+                prop_assert_eq!(Ok(fast), general, "fast path accepted {:02x?}", bytes);
+            }
+            prop_assert_eq!(DeliveryRecord::decode_saved(&bytes), general);
+        }
+    }
+}

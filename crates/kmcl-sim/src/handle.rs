@@ -98,12 +98,21 @@ pub(crate) fn next_instance_id() -> u32 {
 }
 
 /// Makes an instance reachable from its handles.
+///
+/// Ids wrap (`next_instance_id`), so an id can come back while an older instance under it is
+/// still alive: the one it replaces stops counting as registered, so no thread's cache
+/// (`lookup`) keeps resolving the id to it.
 pub(crate) fn register(id: u32, shared: &Arc<Shared>) {
     shared.registered.store(true, Ordering::Release);
-    INSTANCES
+    let replaced = INSTANCES
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .insert(id, Arc::downgrade(shared));
+    if let Some(old) = replaced.as_ref().and_then(Weak::upgrade)
+        && !Arc::ptr_eq(&old, shared)
+    {
+        old.registered.store(false, Ordering::Release);
+    }
 }
 
 /// Removes an instance (its handles become unknown).
@@ -130,10 +139,13 @@ pub(crate) fn lookup(id: u32) -> Option<Arc<Shared>> {
         Some((last_id, weak)) if *last_id == id => Some(weak.upgrade()),
         _ => None,
     });
-    if let Some(found) = cached {
-        // A cached instance counts only while registered (`unregister` clears the flag), exactly
-        // as the registry would answer.
-        return found.filter(|shared| shared.registered.load(Ordering::Acquire));
+    // A cached instance answers only while it is alive and registered (`unregister`, and a
+    // `register` that replaces it under a reused id, clear the flag); otherwise the registry
+    // decides, exactly as without the cache.
+    if let Some(Some(shared)) = cached
+        && shared.registered.load(Ordering::Acquire)
+    {
+        return Some(shared);
     }
     let found = INSTANCES
         .lock()
@@ -173,5 +185,56 @@ mod tests {
         // Right tag but instance 0.
         assert_eq!(decode(0x0000_0000_0000_0111), None);
         assert!(lookup(0x00FF_FFFF).is_none());
+    }
+
+    // review15: the per-thread cache against the registry when an id is registered again (ids
+    // wrap after 2^24 - 1 instances, `next_instance_id`; `register` replaces the entry). The
+    // registry answers with the instance registered now; the cache must not answer otherwise.
+
+    /// The cached instance finished (unregistered, dropped); its id is registered again by a new
+    /// instance. This thread must find the new instance, as the registry does, not `None`
+    /// ("handle of simulator instance N which no longer exists" for a live instance).
+    #[test]
+    fn review15_reused_id_after_a_dead_cached_instance_finds_the_new_one() {
+        let id = next_instance_id();
+        let old = Arc::new(Shared::new(id, crate::SimConfig::default()));
+        register(id, &old);
+        assert!(lookup(id).is_some_and(|s| Arc::ptr_eq(&s, &old)));
+        unregister(id);
+        drop(old);
+        assert!(lookup(id).is_none());
+        // The id comes round again (wrap).
+        let new = Arc::new(Shared::new(id, crate::SimConfig::default()));
+        register(id, &new);
+        let registry = INSTANCES
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .and_then(Weak::upgrade);
+        assert!(registry.is_some_and(|s| Arc::ptr_eq(&s, &new)));
+        assert!(
+            lookup(id).is_some_and(|s| Arc::ptr_eq(&s, &new)),
+            "the thread-local cache hides the instance the registry holds for this id"
+        );
+        unregister(id);
+    }
+
+    /// The cached instance is still alive and was never unregistered when its id is registered
+    /// again (`register` replaced its entry): the registry now names the new instance, so this
+    /// thread's lookups must resolve to it too, not to the instance the registry dropped.
+    #[test]
+    fn review15_reused_id_over_a_live_cached_instance_follows_the_registry() {
+        let id = next_instance_id();
+        let old = Arc::new(Shared::new(id, crate::SimConfig::default()));
+        register(id, &old);
+        assert!(lookup(id).is_some_and(|s| Arc::ptr_eq(&s, &old)));
+        let new = Arc::new(Shared::new(id, crate::SimConfig::default()));
+        register(id, &new);
+        assert!(
+            lookup(id).is_some_and(|s| Arc::ptr_eq(&s, &new)),
+            "the thread-local cache resolves the id to an instance the registry replaced"
+        );
+        unregister(id);
+        drop(old);
     }
 }
