@@ -92,6 +92,22 @@ impl Shared {
         }
         let _ = st.tick(call);
         st.require_passive(call);
+        // From inside the driver's own save-packet callback: the running `SaveContinue` still
+        // owns the save context (it finishes the unit it started into it), so ending the save
+        // here is a sequence error; the context is kept and that `SaveContinue` ends normally.
+        if st
+            .channels
+            .get(&seq)
+            .and_then(|c| c.save.as_ref())
+            .is_some_and(|ctx| ctx.busy)
+        {
+            st.violation(
+                ViolationKind::SaveSequence,
+                Some(call),
+                "VmbChannelSaveEnd while VmbChannelSaveContinue is running on the channel",
+            );
+            return;
+        }
         let had = st.channels.get_mut(&seq).and_then(|c| c.save.take());
         if had.is_none() {
             st.violation(

@@ -82,6 +82,7 @@ macro_rules! kcall {
         unsafe { f($($arg),*) }
     }};
 }
+#[allow(unused_imports)] // not every test file calls table slots directly
 pub(crate) use kcall;
 
 /// One thing the driver saw.
@@ -140,6 +141,9 @@ pub enum SaveMode {
     WritePast,
     /// Asks for 8 bytes, writes 4.
     WriteShort,
+    /// review15: in the second call, ends the save and begins a new one on the same channel
+    /// (`VmbChannelSaveEnd` + `VmbChannelSaveBegin` from inside the callback), then saves the tag.
+    RestartSave,
 }
 
 /// How the restore callback behaves.
@@ -651,6 +655,13 @@ kmcl_callback! {
         // SAFETY: the simulator passes `size` writable bytes at `buf` for the duration of the call.
         let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), size as usize) };
         match mode {
+            SaveMode::RestartSave => {
+                // Once: the restarted save presents the packet again.
+                d.behave().save = SaveMode::Tag;
+                kcall!(Server.VmbChannelSaveEnd, ch);
+                let _ = kcall!(Server.VmbChannelSaveBegin, ch);
+                out[..8].copy_from_slice(&tag.to_le_bytes());
+            }
             SaveMode::SecondFails => return NtStatus::UNSUCCESSFUL,
             SaveMode::WriteShort => out[..4].copy_from_slice(&tag.to_le_bytes()[..4]),
             SaveMode::WritePast => {
