@@ -24,16 +24,9 @@ use vmbsrv::saved::{DeliveryRecord, crc32c};
 const COVERED_FROM: usize = 8;
 const LEN: usize = DeliveryRecord::MIN_ENCODED_LEN;
 
+/// The typical record every bench measures (testkit fixture).
 fn typical() -> DeliveryRecord {
-    DeliveryRecord {
-        sequence: 123_456,
-        tag: 0x1234_5678_9ABC_DEF0,
-        posted_at: 133_500_000_000_000_000,
-        payload_len: 512,
-        payload_crc: 0xCAFE_F00D,
-        attempts: 1,
-        trace_id: None,
-    }
+    vmbsrv_testkit::fixtures::typical_delivery_record()
 }
 
 /// The same fields, serde-derived, for postcard.

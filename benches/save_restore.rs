@@ -29,18 +29,13 @@ use std::time::{Duration, Instant};
 
 use common::{Recorder, ns, print_machine_line, quick, ratio, sample_size};
 use criterion::{SamplingMode, Throughput};
-use kmcl_sim::{Guest, Kmcl};
 use vmbsrv::saved::DeliveryRecord;
 use vmbsrv::vsp::DeliveryTable;
+use vmbsrv::vsp::VspChannel;
 use vmbsrv::vsp::save_protocol::{answer_save, answer_save_call};
 use vmbsrv::vsp::table::Token;
-use vmbsrv::vsp::{PostRequest, VspChannel};
-use vmbsrv_testkit::GuestModel;
-use vmbsrv_testkit::MigrationConfig;
-use vmbsrv_testkit::migration::{
-    Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
-    restore_channel, save_channel,
-};
+use vmbsrv_testkit::fixtures;
+use vmbsrv_testkit::migration::{Lock, restore_channel, save_channel};
 
 const PAYLOAD_LEN: usize = 64;
 const MAX_MESSAGE_LEN: u32 = 256;
@@ -48,16 +43,9 @@ const CHUNK_SIZE: usize = 64 * 1024;
 /// `SimConfig::save_buffer_slack`'s default: KMCL's second save call gets `needed + 32` bytes.
 const SAVE_SLACK: usize = 32;
 
+/// The typical record every bench measures (testkit fixture).
 fn typical() -> DeliveryRecord {
-    DeliveryRecord {
-        sequence: 123_456,
-        tag: 0x1234_5678_9ABC_DEF0,
-        posted_at: 133_500_000_000_000_000,
-        payload_len: 512,
-        payload_crc: 0xCAFE_F00D,
-        attempts: 1,
-        trace_id: None,
-    }
+    vmbsrv_testkit::fixtures::typical_delivery_record()
 }
 
 fn sizes() -> Vec<u32> {
@@ -68,65 +56,18 @@ fn sizes() -> Vec<u32> {
     }
 }
 
-/// Builds a simulator instance with one running channel holding `packets` undelivered posts,
-/// runs `body` on it, then tears it down and checks the simulator saw no contract violation.
+/// One loaded channel of `packets` posts of `PAYLOAD_LEN` bytes (testkit fixture).
 fn with_loaded_channel<R>(packets: u32, body: impl FnOnce(&VspChannel<'_, Lock>) -> R) -> R {
-    let kmcl = Kmcl::new(MigrationConfig::sim_for(packets));
-    let guest = GuestModel::new(Guest::new(SCENARIO_INTERFACE_TYPE, SCENARIO_INSTANCE));
-    let result = {
-        let interface = query_server_interface(&kmcl).expect("interface");
-        kmcl.attach_guest(&guest.endpoint).expect("attach");
-        let channel = VspChannel::<Lock>::create(
-            &interface,
-            &channel_config(&kmcl, packets, MAX_MESSAGE_LEN),
-        )
-        .expect("create");
-        guest.open_and_negotiate(&kmcl).expect("negotiate");
-        let payload = [0x5A_u8; PAYLOAD_LEN];
-        for tag in 0..u64::from(packets) {
-            channel
-                .post(&PostRequest {
-                    tag,
-                    payload: &payload,
-                    posted_at: tag,
-                    trace_id: None,
-                })
-                .expect("post");
-        }
-        kmcl.wait_idle();
-        assert_eq!(channel.statistics().in_flight, packets);
-        let result = body(&channel);
-        guest.endpoint.detach();
-        channel.complete_migration().expect("complete_migration");
-        kmcl.wait_idle();
-        result
-    };
-    let violations = kmcl.finish();
-    assert!(violations.is_empty(), "{violations:?}");
-    result
+    fixtures::with_loaded_channel(packets, PAYLOAD_LEN, MAX_MESSAGE_LEN, body)
 }
 
 /// Restores `stream` into a fresh simulator instance; returns the time of `restore_channel`.
 fn restore_once(packets: u32, stream: &[u8]) -> Duration {
-    let kmcl = Kmcl::new(MigrationConfig::sim_for(packets));
-    let elapsed = {
-        let interface = query_server_interface(&kmcl).expect("interface");
-        let channel = VspChannel::<Lock>::create_for_restore(
-            &interface,
-            &channel_config(&kmcl, packets, MAX_MESSAGE_LEN),
-        )
-        .expect("create_for_restore");
+    fixtures::with_restoring_channel(packets, MAX_MESSAGE_LEN, |channel| {
         let start = Instant::now();
-        restore_channel(&channel, stream).expect("restore");
-        let elapsed = start.elapsed();
-        assert_eq!(channel.statistics().in_flight, packets);
-        channel.disable().expect("disable");
-        kmcl.wait_idle();
-        elapsed
-    };
-    let violations = kmcl.finish();
-    assert!(violations.is_empty(), "{violations:?}");
-    elapsed
+        restore_channel(channel, stream).expect("restore");
+        start.elapsed()
+    })
 }
 
 struct CallbackFigures {

@@ -16,53 +16,19 @@
 
 use std::time::{Duration, Instant};
 
-use kmcl_sim::{Guest, Kmcl};
-use vmbsrv::vsp::{PostRequest, VspChannel};
-use vmbsrv_testkit::GuestModel;
-use vmbsrv_testkit::MigrationConfig;
-use vmbsrv_testkit::migration::{
-    Lock, SCENARIO_INSTANCE, SCENARIO_INTERFACE_TYPE, channel_config, query_server_interface,
-    restore_channel, save_channel,
-};
+use vmbsrv::vsp::VspChannel;
+use vmbsrv_testkit::fixtures;
+use vmbsrv_testkit::migration::{Lock, restore_channel, save_channel};
 
 const MAX_MESSAGE_LEN: u32 = 256;
 
 /// A loaded channel's save stream, in `chunk` byte chunks, and the time `save_channel` took.
 fn loaded_save(packets: u32, chunk: usize) -> (Vec<u8>, Duration) {
-    let kmcl = Kmcl::new(MigrationConfig::sim_for(packets));
-    let guest = GuestModel::new(Guest::new(SCENARIO_INTERFACE_TYPE, SCENARIO_INSTANCE));
-    let out = {
-        let interface = query_server_interface(&kmcl).expect("interface");
-        kmcl.attach_guest(&guest.endpoint).expect("attach");
-        let channel = VspChannel::<Lock>::create(
-            &interface,
-            &channel_config(&kmcl, packets, MAX_MESSAGE_LEN),
-        )
-        .expect("create");
-        guest.open_and_negotiate(&kmcl).expect("negotiate");
-        let payload = [0x5A_u8; 64];
-        for tag in 0..u64::from(packets) {
-            channel
-                .post(&PostRequest {
-                    tag,
-                    payload: &payload,
-                    posted_at: tag,
-                    trace_id: None,
-                })
-                .expect("post");
-        }
-        kmcl.wait_idle();
+    fixtures::with_loaded_channel(packets, 64, MAX_MESSAGE_LEN, |channel| {
         let start = Instant::now();
-        let stream = timed_save(&channel, chunk);
-        let elapsed = start.elapsed();
-        guest.endpoint.detach();
-        channel.complete_migration().expect("complete_migration");
-        kmcl.wait_idle();
-        (stream, elapsed)
-    };
-    let violations = kmcl.finish();
-    assert!(violations.is_empty(), "{violations:?}");
-    out
+        let stream = timed_save(channel, chunk);
+        (stream, start.elapsed())
+    })
 }
 
 #[inline(never)]
@@ -76,25 +42,11 @@ fn timed_restore(channel: &VspChannel<'_, Lock>, stream: &[u8]) {
 }
 
 fn restore_once(packets: u32, stream: &[u8]) -> Duration {
-    let kmcl = Kmcl::new(MigrationConfig::sim_for(packets));
-    let elapsed = {
-        let interface = query_server_interface(&kmcl).expect("interface");
-        let channel = VspChannel::<Lock>::create_for_restore(
-            &interface,
-            &channel_config(&kmcl, packets, MAX_MESSAGE_LEN),
-        )
-        .expect("create_for_restore");
+    fixtures::with_restoring_channel(packets, MAX_MESSAGE_LEN, |channel| {
         let start = Instant::now();
-        timed_restore(&channel, stream);
-        let elapsed = start.elapsed();
-        assert_eq!(channel.statistics().in_flight, packets);
-        channel.disable().expect("disable");
-        kmcl.wait_idle();
-        elapsed
-    };
-    let violations = kmcl.finish();
-    assert!(violations.is_empty(), "{violations:?}");
-    elapsed
+        timed_restore(channel, stream);
+        start.elapsed()
+    })
 }
 
 fn main() {

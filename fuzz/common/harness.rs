@@ -29,16 +29,11 @@ pub(crate) const MAX_MESSAGE: u32 = 64;
 pub(crate) fn sim_config(data: &[u8]) -> SimConfig {
     SimConfig {
         hang_timeout: Duration::from_secs(2),
-        schedule: Schedule::Deterministic { seed: seed(data) },
+        schedule: Schedule::Deterministic {
+            seed: crate::inputs::schedule_seed(data),
+        },
         ..MigrationConfig::sim_for(IN_FLIGHT)
     }
-}
-
-/// The schedule seed of an input: FNV-1a over its bytes.
-pub(crate) fn seed(data: &[u8]) -> u64 {
-    data.iter().fold(0xCBF2_9CE4_8422_2325, |hash, &byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3)
-    })
 }
 
 /// Every outcome a channel recorded, by sequence number.

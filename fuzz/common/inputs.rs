@@ -6,6 +6,14 @@
 //! zero), so libFuzzer never wastes an execution on a parse failure.
 #![allow(dead_code)] // each includer uses part of it
 
+/// The simulator's deterministic-schedule seed for an input: FNV-1a over all its bytes, so an
+/// input replays exactly (every end-to-end target runs `Schedule::Deterministic` with it).
+pub(crate) fn schedule_seed(data: &[u8]) -> u64 {
+    data.iter().fold(0xCBF2_9CE4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3)
+    })
+}
+
 /// A reader over fuzz bytes that yields zeros / empty slices once the input runs out.
 pub(crate) struct Cursor<'a> {
     bytes: &'a [u8],

@@ -86,13 +86,6 @@ struct Tracked {
     ended: BTreeSet<u64>,
 }
 
-/// The schedule seed of an input: FNV-1a over its bytes (as `harness::seed`).
-fn seed_of(data: &[u8]) -> u64 {
-    data.iter().fold(0xCBF2_9CE4_8422_2325, |hash, &byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3)
-    })
-}
-
 fn run(data: &[u8]) {
     let steps = inputs::decode_control_steps(data, MAX_STEPS);
     CONVERTED.store(0, Ordering::Relaxed);
@@ -102,7 +95,7 @@ fn run(data: &[u8]) {
     let kmcl = Kmcl::new(SimConfig {
         hang_timeout: std::time::Duration::from_secs(2),
         schedule: Schedule::Deterministic {
-            seed: seed_of(data),
+            seed: inputs::schedule_seed(data),
         },
         ..MigrationConfig::sim_for(64)
     });

@@ -598,7 +598,7 @@ mod word_path_tests {
 
     /// Recomputes the checksum of a record whose bytes a test changed, if its `total_len` is
     /// usable, so that the checks after the checksum are reached.
-    fn reseal(bytes: &mut [u8]) {
+    pub(super) fn reseal(bytes: &mut [u8]) {
         let Some(total) = bytes.get(12..16) else {
             return;
         };
@@ -782,8 +782,8 @@ mod review15_tests {
 
     use proptest::prelude::*;
 
+    use super::word_path_tests::reseal;
     use super::*;
-    use crate::saved::checksum::crc32c;
     extern crate alloc;
     #[allow(unused_imports)]
     use alloc::vec;
@@ -866,17 +866,6 @@ mod review15_tests {
                     bytes[n - 1] = fill;
                 }
             }
-        }
-    }
-
-    fn reseal(bytes: &mut [u8]) {
-        let Some(total) = bytes.get(12..16) else {
-            return;
-        };
-        let total = u32::from_le_bytes(total.try_into().unwrap()) as usize;
-        if (8..=bytes.len()).contains(&total) {
-            let crc = crc32c(&bytes[8..total]);
-            bytes[4..8].copy_from_slice(&crc.to_le_bytes());
         }
     }
 

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// The most a `SaveContinue` reserves for a chunk body before it knows how much it will write
+/// (1 MiB; a larger chunk still grows as needed).
+const MAX_CHUNK_RESERVE: usize = 1 << 20;
+
 impl Shared {
     // ---- save ------------------------------------------------------------------------------------
 
@@ -197,9 +201,13 @@ impl Shared {
                 break;
             }
             if ctx.body.is_empty() {
-                // The first unit of a chunk: room for all the chunk can hold, allocated once.
-                ctx.body
-                    .reserve(size.saturating_sub(container::CHUNK_HEADER_LEN));
+                // The first unit of a chunk: room for all the chunk can hold, allocated once,
+                // but never more than `MAX_CHUNK_RESERVE` up front: `size` is the driver's
+                // buffer size, which may be far larger than what is left to save.
+                ctx.body.reserve(
+                    size.saturating_sub(container::CHUNK_HEADER_LEN)
+                        .min(MAX_CHUNK_RESERVE),
+                );
             }
             ctx.body.extend_from_slice(&ctx.unit);
             ctx.pending = None;
