@@ -708,7 +708,14 @@ mod word_path_tests {
                     let clean = &buf[..padded];
                     assert!(DeliveryRecord::decode_known(clean).is_some());
                     for at in 0..padded {
-                        for flip in [0x01u8, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xFF] {
+                        // Under Miri (an interpreter, ~1000× slower) two flips per byte and
+                        // no exhaustive values: the same code paths, far fewer cases.
+                        let flips: &[u8] = if cfg!(miri) {
+                            &[0x01, 0xFF]
+                        } else {
+                            &[0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xFF]
+                        };
+                        for &flip in flips {
                             let mut bytes = buf;
                             bytes[at] ^= flip;
                             let bytes = &mut bytes[..padded];
@@ -718,7 +725,7 @@ mod word_path_tests {
                             cases += 2;
                         }
                         // Every byte value at the reserved, flag and extension-header positions.
-                        if matches!(at, 10..=15 | 48..=63 | 72..=79) {
+                        if !cfg!(miri) && matches!(at, 10..=15 | 48..=63 | 72..=79) {
                             for value in 0..=255u8 {
                                 let mut bytes = buf;
                                 bytes[at] = value;
@@ -739,7 +746,7 @@ mod word_path_tests {
                 }
             }
         }
-        assert!(cases > 10_000);
+        assert!(cases > if cfg!(miri) { 1_000 } else { 10_000 });
     }
 
     /// Records with extensions this build does not write go through the general paths, which
