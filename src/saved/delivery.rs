@@ -362,7 +362,14 @@ impl DeliveryRecord {
     /// (a padded restore buffer) as long as every byte after it is zero.
     #[inline]
     pub fn decode(bytes: &[u8]) -> Result<Self, RestoreError> {
-        Self::decode_saved(bytes).map(|(record, _)| record)
+        // The plain layout first, built straight into the caller's result: a shared path for
+        // all four layouts merges a record with a trace id and one without through a stack
+        // temporary, and copying that temporary (unaligned, at the trace id's odd offset) cost
+        // more than the checks and the CRC together (docs/performance.md §2.2).
+        match Self::decode_plain(bytes) {
+            Some(record) => Ok(record),
+            None => Self::decode_other(bytes),
+        }
     }
 
     /// Like [`decode`](Self::decode), also returning the save identity ([`TAG_SAVE_ID`]) if the
@@ -375,41 +382,41 @@ impl DeliveryRecord {
         }
     }
 
-    /// Recognizes a valid record in one of the four layouts this build writes, validating it
-    /// from words loaded once; `None` for anything else, valid or not, which
-    /// [`decode_general`](Self::decode_general) then judges. So every error, and every record
-    /// this path does not know, goes through the general decoder, and this path only has to
-    /// accept nothing the general one would reject (tested: same result on every input).
+    /// [`decode`](Self::decode) for everything but a valid plain record: the other three
+    /// layouts this build writes, and (through the general decoder) every error.
+    #[inline(never)]
+    fn decode_other(bytes: &[u8]) -> Result<Self, RestoreError> {
+        Self::decode_saved(bytes).map(|(record, _)| record)
+    }
+
+    /// The words every layout this build writes starts with: word 0 (magic | checksum), the
+    /// covered words 1..=6 and the bytes after them, and `total_len`; `None` unless the magic,
+    /// version 1 and flags 0 are there.
     #[inline(always)]
-    fn decode_known(bytes: &[u8]) -> Option<(Self, Option<u64>)> {
+    fn known_frame(bytes: &[u8]) -> Option<(u64, usize, &[u8; LEN_PLAIN - 8], &[u8])> {
         let (fixed, ext) = bytes.split_first_chunk::<LEN_PLAIN>()?;
         let (w0, covered) = fixed.split_first_chunk::<8>()?;
         let covered: &[u8; LEN_PLAIN - 8] = covered.try_into().ok()?;
-        let (words, _) = covered.as_chunks::<8>();
-        let &[w1, w2, w3, w4, w5, w6] = words else {
-            return None;
-        };
         let w0 = le64(w0);
-        let w1 = le64(&w1);
+        let w1 = le64(covered.first_chunk::<8>()?);
         // Magic; version 1 and flags 0.
         if w0 as u32 != MAGIC_WORD as u32 || w1 as u32 != VERSION_WORD as u32 {
             return None;
         }
-        let total = (w1 >> 32) as usize;
-        // The plain layout's checksum straight from the input: no copy, one fixed-size call.
-        let (crc, trace_id, save_id) = if total == LEN_PLAIN {
-            (crc32c_array(covered), None, None)
-        } else {
-            Self::known_extensions(total, covered, ext)?
+        Some((w0, (w1 >> 32) as usize, covered, ext))
+    }
+
+    /// The record from the v1 body (covered words 2..=6) and the trace id, if the reserved
+    /// bytes are zero and every field is in range.
+    #[inline(always)]
+    fn known_body(
+        covered: &[u8; LEN_PLAIN - 8],
+        trace_id: Option<[u8; TRACE_ID_LEN]>,
+    ) -> Option<Self> {
+        let (words, _) = covered.as_chunks::<8>();
+        let &[_, w2, w3, w4, w5, w6] = words else {
+            return None;
         };
-        if crc != (w0 >> 32) as u32 {
-            return None;
-        }
-        // Zero padding only after the record (a padded restore buffer).
-        let trailing = bytes.get(total..)?;
-        if !trailing.is_empty() && trailing.iter().any(|&b| b != 0) {
-            return None;
-        }
         let [w2, w3, w4, w5, w6] = [w2, w3, w4, w5, w6].map(u64::from_le_bytes);
         // The reserved bytes after `attempts`.
         if w6 >> 16 != 0 {
@@ -427,7 +434,49 @@ impl DeliveryRecord {
         if record.validate().is_err() {
             return None;
         }
-        Some((record, save_id))
+        Some(record)
+    }
+
+    /// Whether everything after the record's `total` bytes is zero (a padded restore buffer).
+    #[inline(always)]
+    fn zero_after(bytes: &[u8], total: usize) -> bool {
+        bytes
+            .get(total..)
+            .is_some_and(|trailing| trailing.iter().all(|&b| b == 0))
+    }
+
+    /// A valid record in the plain layout (no extensions), validated from words loaded once and
+    /// checksummed in place through one fixed-size call; `None` for anything else.
+    #[inline(always)]
+    fn decode_plain(bytes: &[u8]) -> Option<Self> {
+        let (w0, total, covered, _) = Self::known_frame(bytes)?;
+        if total != LEN_PLAIN || crc32c_array(covered) != (w0 >> 32) as u32 {
+            return None;
+        }
+        if !Self::zero_after(bytes, total) {
+            return None;
+        }
+        Self::known_body(covered, None)
+    }
+
+    /// Recognizes a valid record in one of the four layouts this build writes, validating it
+    /// from words loaded once; `None` for anything else, valid or not, which
+    /// [`decode_general`](Self::decode_general) then judges. So every error, and every record
+    /// this path does not know, goes through the general decoder, and this path only has to
+    /// accept nothing the general one would reject (tested: same result on every input).
+    #[inline(always)]
+    fn decode_known(bytes: &[u8]) -> Option<(Self, Option<u64>)> {
+        let (w0, total, covered, ext) = Self::known_frame(bytes)?;
+        // The plain layout's checksum straight from the input: no copy, one fixed-size call.
+        let (crc, trace_id, save_id) = if total == LEN_PLAIN {
+            (crc32c_array(covered), None, None)
+        } else {
+            Self::known_extensions(total, covered, ext)?
+        };
+        if crc != (w0 >> 32) as u32 || !Self::zero_after(bytes, total) {
+            return None;
+        }
+        Some((Self::known_body(covered, trace_id)?, save_id))
     }
 
     /// The rest of [`decode_known`](Self::decode_known) for the layouts with extensions (save id,
@@ -609,12 +658,23 @@ mod word_path_tests {
         }
     }
 
-    fn same_verdict(bytes: &[u8]) {
+    /// Both public decoders (and so both word paths: `decode`'s plain-layout one and
+    /// `decode_saved`'s four-layout one) say what the general decoder says.
+    pub(super) fn same_verdict(bytes: &[u8]) {
+        let general = DeliveryRecord::decode_general(bytes);
+        assert_eq!(DeliveryRecord::decode_saved(bytes), general, "{bytes:02x?}");
         assert_eq!(
-            DeliveryRecord::decode_saved(bytes),
-            DeliveryRecord::decode_general(bytes),
+            DeliveryRecord::decode(bytes),
+            general.map(|(record, _)| record),
             "{bytes:02x?}"
         );
+        if let Some(record) = DeliveryRecord::decode_plain(bytes) {
+            assert_eq!(
+                general,
+                Ok((record, None)),
+                "plain path accepted {bytes:02x?}"
+            );
+        }
     }
 
     proptest! {
@@ -652,6 +712,8 @@ mod word_path_tests {
             let bytes = &buf[..len + padding];
             // The word path takes it (so the fast path is what the benches measure)...
             prop_assert_eq!(DeliveryRecord::decode_known(bytes), Some((record, save_id)));
+            let plain = record.trace_id.is_none() && save_id.is_none();
+            prop_assert_eq!(DeliveryRecord::decode_plain(bytes), plain.then_some(record));
             // ...and agrees with the general one.
             prop_assert_eq!(DeliveryRecord::decode_general(bytes), Ok((record, save_id)));
             if padding > 0 {
@@ -789,7 +851,7 @@ mod review15_tests {
 
     use proptest::prelude::*;
 
-    use super::word_path_tests::reseal;
+    use super::word_path_tests::{reseal, same_verdict};
     use super::*;
     extern crate alloc;
     #[allow(unused_imports)]
@@ -915,7 +977,7 @@ mod review15_tests {
             if let Some(fast) = fast {
                 prop_assert_eq!(Ok(fast), general, "fast path accepted {:02x?}", bytes);
             }
-            prop_assert_eq!(DeliveryRecord::decode_saved(&bytes), general);
+            same_verdict(&bytes);
         }
     }
 }
