@@ -981,3 +981,405 @@ mod review15_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod review_decode_tests {
+    //! Adversarial review of `decode`'s plain-layout path (`decode_plain`) and the shared
+    //! `known_frame` / `known_body` / `zero_after` helpers: every public decoder against the
+    //! general one, and the plain path against an oracle written from the format description
+    //! (docs/saved-state.md §2) with a bitwise CRC32C, so a bug shared by the general decoder
+    //! and the word paths (or by every CRC entry point) would still show.
+
+    use proptest::prelude::*;
+
+    use super::word_path_tests::{reseal, same_verdict};
+    use super::*;
+    use crate::saved::checksum::crc32c;
+    use crate::saved::{CRITICAL_BIT, MAX_RECORD_LEN};
+    extern crate alloc;
+    use alloc::vec::Vec;
+
+    /// CRC32C (Castagnoli, reflected, init and xorout !0), one bit at a time: shares no code
+    /// with `checksum` or `hwcrc`.
+    fn bitwise_crc32c(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0x82F6_3B78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    /// The plain layout straight from the format description, byte offsets and all: `Some` only
+    /// for a valid 56-byte record without extensions, followed by zero bytes only.
+    fn plain_oracle(bytes: &[u8]) -> Option<DeliveryRecord> {
+        let u16_at = |at: usize| u16::from_le_bytes(bytes[at..at + 2].try_into().unwrap());
+        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+        if bytes.len() < 56
+            || bytes[0..4] != *b"VBDR"
+            || u16_at(8) != 1
+            || u16_at(10) != 0
+            || u32_at(12) != 56
+            || bitwise_crc32c(&bytes[8..56]) != u32_at(4)
+            || bytes[50..56] != [0; 6]
+            || bytes[56..].iter().any(|&b| b != 0)
+        {
+            return None;
+        }
+        let record = DeliveryRecord {
+            sequence: u64_at(16),
+            tag: u64_at(24),
+            posted_at: u64_at(32),
+            payload_len: u32_at(40),
+            payload_crc: u32_at(44),
+            attempts: u16_at(48),
+            trace_id: None,
+        };
+        let valid = record.sequence != 0
+            && (1..=MAX_PAYLOAD_LEN).contains(&record.payload_len)
+            && record.attempts != 0;
+        valid.then_some(record)
+    }
+
+    /// `same_verdict`, plus: whenever `total_len` says 56, `decode` accepts exactly what the
+    /// oracle accepts (and the plain path exactly that too).
+    fn check(bytes: &[u8]) {
+        same_verdict(bytes);
+        if bytes.get(12..16) == Some(&56u32.to_le_bytes()[..]) {
+            let oracle = plain_oracle(bytes);
+            assert_eq!(DeliveryRecord::decode(bytes).ok(), oracle, "{bytes:02x?}");
+            assert_eq!(DeliveryRecord::decode_plain(bytes), oracle, "{bytes:02x?}");
+        } else {
+            assert_eq!(DeliveryRecord::decode_plain(bytes), None, "{bytes:02x?}");
+        }
+    }
+
+    fn base() -> DeliveryRecord {
+        DeliveryRecord {
+            sequence: 0x0102_0304_0506_0708,
+            tag: 0x1112_1314_1516_1718,
+            posted_at: 0x2122_2324_2526_2728,
+            payload_len: 0x1234,
+            payload_crc: 0xDEAD_BEEF,
+            attempts: 3,
+            trace_id: None,
+        }
+    }
+
+    /// The four layouts this build writes, encoded into a zeroed 160-byte buffer, with lengths.
+    fn layouts() -> Vec<([u8; 160], usize)> {
+        let traced = DeliveryRecord {
+            trace_id: Some(core::array::from_fn(|i| 0xC0 ^ i as u8)),
+            ..base()
+        };
+        let mut out = Vec::new();
+        for record in [base(), traced] {
+            for save_id in [None, Some(0xA1A2_A3A4_A5A6_A7A8)] {
+                let mut buf = [0u8; 160];
+                let len = record.encode_saved(save_id, &mut buf).unwrap();
+                out.push((buf, len));
+            }
+        }
+        assert_eq!(
+            out.iter().map(|&(_, l)| l).collect::<Vec<_>>(),
+            [56, 68, 76, 88]
+        );
+        out
+    }
+
+    const TOTALS: &[u32] = &[
+        0,
+        1,
+        7,
+        8,
+        15,
+        16,
+        17,
+        55,
+        56,
+        57,
+        63,
+        64,
+        67,
+        68,
+        69,
+        72,
+        75,
+        76,
+        77,
+        80,
+        87,
+        88,
+        89,
+        96,
+        4095,
+        4096,
+        4097,
+        0x8000_0038,
+        0x1_0038,
+        u32::MAX,
+    ];
+
+    /// Every slice length from 0 to 140 of every layout (zero padded), with every interesting
+    /// `total_len`, resealed and not.
+    #[test]
+    #[cfg_attr(miri, ignore)] // tens of thousands of cases; the small tests here run under Miri
+    fn lengths_and_totals_grid() {
+        for (buf, _) in layouts() {
+            for &total in TOTALS {
+                let mut relabelled = buf;
+                relabelled[12..16].copy_from_slice(&total.to_le_bytes());
+                for len in 0..=140 {
+                    let mut bytes = relabelled;
+                    check(&bytes[..len]);
+                    reseal(&mut bytes[..len]);
+                    check(&bytes[..len]);
+                }
+            }
+        }
+    }
+
+    /// A record of one layout labelled with another layout's `total_len` and resealed over that
+    /// length: never the original record with a wrong `total`, and the same verdict.
+    #[test]
+    fn relabelled_layouts() {
+        for (buf, len) in layouts() {
+            for other in [56usize, 68, 76, 88] {
+                let mut bytes = buf;
+                bytes[12..16].copy_from_slice(&(other as u32).to_le_bytes());
+                reseal(&mut bytes[..other]);
+                for cut in [other, len.max(other), 96, 160] {
+                    check(&bytes[..cut]);
+                }
+                if other != len {
+                    // Shorter label: the rest of the real record is non-zero "padding";
+                    // longer label: the zero padding is read as an extension area.
+                    assert!(DeliveryRecord::decode(&bytes[..len.max(other)]).is_err());
+                    assert!(DeliveryRecord::decode_saved(&bytes[..len.max(other)]).is_err());
+                }
+            }
+        }
+        // The extension layouts cut to 56 bytes and labelled 56 (a forged plain record with a
+        // valid checksum): that one is a valid plain record, and only that.
+        for (buf, _) in layouts() {
+            let mut bytes = buf;
+            bytes[12..16].copy_from_slice(&56u32.to_le_bytes());
+            reseal(&mut bytes[..56]);
+            assert_eq!(DeliveryRecord::decode(&bytes[..56]), Ok(base()));
+        }
+    }
+
+    /// Any non-zero byte anywhere in up to 72 bytes of padding is `TrailingBytes`, on every
+    /// layout, from both public decoders.
+    #[test]
+    #[cfg_attr(miri, ignore)] // tens of thousands of cases; the small tests here run under Miri
+    fn nonzero_padding_is_rejected_everywhere() {
+        for (buf, len) in layouts() {
+            for pad in 1..=(160 - len) {
+                for at in len..len + pad {
+                    for value in [0x01u8, 0x80, 0xFF] {
+                        let mut bytes = buf;
+                        bytes[at] = value;
+                        let bytes = &bytes[..len + pad];
+                        assert_eq!(
+                            DeliveryRecord::decode(bytes),
+                            Err(RestoreError::TrailingBytes),
+                            "len {len} pad {pad} at {at}"
+                        );
+                        check(bytes);
+                    }
+                }
+                assert_eq!(
+                    DeliveryRecord::decode_saved(&buf[..len + pad]).map(|(r, _)| r.sequence),
+                    Ok(base().sequence)
+                );
+            }
+        }
+    }
+
+    /// Header and body fields at and around their limits, resealed so every check behind the
+    /// checksum is reached; every layout.
+    #[test]
+    fn fields_at_their_limits() {
+        let mut cases = 0;
+        for (buf, len) in layouts() {
+            let mut variants: Vec<(usize, Vec<u8>)> = Vec::new();
+            for v in [0u16, 1, 2, 0x0101, 0x8001, u16::MAX] {
+                variants.push((8, v.to_le_bytes().to_vec()));
+            }
+            for bit in 0..16 {
+                variants.push((10, (1u16 << bit).to_le_bytes().to_vec()));
+            }
+            for s in [0u64, 1, u64::MAX] {
+                variants.push((16, s.to_le_bytes().to_vec()));
+            }
+            for p in [0u32, 1, MAX_PAYLOAD_LEN, MAX_PAYLOAD_LEN + 1, u32::MAX] {
+                variants.push((40, p.to_le_bytes().to_vec()));
+            }
+            for a in [0u16, 1, u16::MAX] {
+                variants.push((48, a.to_le_bytes().to_vec()));
+            }
+            for at in 50..56 {
+                for v in [1u8, 0x80, 0xFF] {
+                    variants.push((at, alloc::vec![v]));
+                }
+            }
+            // Magic variants: one byte off, another record type's magic.
+            variants.push((0, b"VBDr".to_vec()));
+            variants.push((0, b"RDBV".to_vec()));
+            for (at, value) in variants {
+                let mut bytes = buf;
+                bytes[at..at + value.len()].copy_from_slice(&value);
+                for cut in [len, len + 8] {
+                    let mut b = bytes;
+                    check(&b[..cut]);
+                    reseal(&mut b[..cut]);
+                    check(&b[..cut]);
+                    cases += 2;
+                }
+            }
+        }
+        assert!(cases > 400);
+        // The limits themselves are accepted.
+        let mut buf = [0u8; 56];
+        let edge = DeliveryRecord {
+            sequence: 1,
+            payload_len: MAX_PAYLOAD_LEN,
+            attempts: 1,
+            ..base()
+        };
+        edge.encode(&mut buf).unwrap();
+        assert_eq!(DeliveryRecord::decode(&buf), Ok(edge));
+        assert_eq!(plain_oracle(&buf), Some(edge));
+    }
+
+    /// Extension entries in the 68/76/88 layouts with the critical bit, a wrong length, a wrong
+    /// or swapped tag, passed to `decode` (which takes them through `decode_other`).
+    #[test]
+    fn extension_headers_through_decode() {
+        for (buf, len) in layouts().into_iter().skip(1) {
+            let headers: &[usize] = match len {
+                68 => &[56],
+                76 => &[56],
+                88 => &[56, 76],
+                _ => unreachable!(),
+            };
+            for &at in headers {
+                let tag = u16::from_le_bytes([buf[at], buf[at + 1]]);
+                let data_len = u16::from_le_bytes([buf[at + 2], buf[at + 3]]);
+                let tags = [tag | CRITICAL_BIT, tag ^ 3, 0, 3, 3 | CRITICAL_BIT, 0x7FFF];
+                let lens = [data_len, 0, data_len - 1, data_len + 1, 8, 16, u16::MAX];
+                for t in tags {
+                    for l in lens {
+                        let mut bytes = buf;
+                        bytes[at..at + 2].copy_from_slice(&t.to_le_bytes());
+                        bytes[at + 2..at + 4].copy_from_slice(&l.to_le_bytes());
+                        for cut in [len, len + 4, 160] {
+                            let mut b = bytes;
+                            reseal(&mut b[..cut]);
+                            check(&b[..cut]);
+                        }
+                    }
+                }
+            }
+            // Critical bit on a known tag: still accepted (the general path understands it).
+            let mut bytes = buf;
+            bytes[57] |= 0x80;
+            reseal(&mut bytes[..len]);
+            assert!(DeliveryRecord::decode(&bytes[..len]).is_ok());
+            assert_eq!(DeliveryRecord::decode_plain(&bytes[..len]), None);
+        }
+    }
+
+    /// `total_len` up to and past `MAX_RECORD_LEN` with inputs that long (zeros after the
+    /// record, and a foreign extension filling the area).
+    #[test]
+    #[cfg_attr(miri, ignore)] // tens of thousands of cases; the small tests here run under Miri
+    fn long_inputs_and_large_totals() {
+        let mut big = alloc::vec![0u8; MAX_RECORD_LEN + 64];
+        base().encode(&mut big).unwrap();
+        for total in [56u32, 57, 4095, 4096, 4097, 4096 + 64, u32::MAX] {
+            let mut bytes = big.clone();
+            bytes[12..16].copy_from_slice(&total.to_le_bytes());
+            for cut in [56, 57, 4095, 4096, 4097, MAX_RECORD_LEN + 64] {
+                check(&bytes[..cut]);
+                let mut b = bytes.clone();
+                reseal(&mut b[..cut]);
+                check(&b[..cut]);
+            }
+        }
+        assert_eq!(DeliveryRecord::decode(&big), Ok(base()));
+    }
+
+    /// The fixed-size checksum the plain path uses against the bitwise one (and the slice and
+    /// word entry points), on arbitrary 48-byte inputs.
+    #[test]
+    #[cfg_attr(miri, ignore)] // tens of thousands of cases; the small tests here run under Miri
+    fn crc_entry_points_agree_with_bitwise() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..20_000 {
+            let mut bytes = [0u8; 48];
+            for b in &mut bytes {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                *b = state as u8;
+            }
+            let want = bitwise_crc32c(&bytes);
+            assert_eq!(crc32c_array(&bytes), want);
+            assert_eq!(crc32c(&bytes), want);
+            let (words, _) = bytes.as_chunks::<8>();
+            let words: [u64; 6] = core::array::from_fn(|i| u64::from_le_bytes(words[i]));
+            assert_eq!(super::super::checksum::crc32c_words(&words), want);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+        /// Random plain records (valid or not in every field), optionally with one byte changed
+        /// and resealed, and with random padding: the oracle's verdict, from `decode`.
+        #[test]
+        #[cfg_attr(miri, ignore)]
+        fn random_plain_records_match_the_oracle(
+            body in any::<[u8; 40]>(),
+            small in any::<bool>(),
+            flip in proptest::option::of((0usize..64, any::<u8>())),
+            pad in 0usize..9,
+            pad_byte in prop_oneof![3 => Just(0u8), 1 => any::<u8>()],
+            seal in prop_oneof![4 => Just(true), 1 => Just(false)],
+        ) {
+            let mut bytes = alloc::vec![0u8; 56 + pad];
+            bytes[0..4].copy_from_slice(b"VBDR");
+            bytes[8..10].copy_from_slice(&1u16.to_le_bytes());
+            bytes[12..16].copy_from_slice(&56u32.to_le_bytes());
+            bytes[16..56].copy_from_slice(&body);
+            if small {
+                // Pull the ranged fields into range most of the time, reserved to zero.
+                bytes[40..44].copy_from_slice(&(u32::from(body[0]) * 257).to_le_bytes());
+                bytes[48] |= 1;
+                bytes[50..56].fill(0);
+            }
+            if pad > 0 {
+                bytes[56 + pad - 1] = pad_byte;
+            }
+            if let Some((at, v)) = flip
+                && let Some(b) = bytes.get_mut(at)
+            {
+                *b = v;
+            }
+            if seal {
+                let total = 56.min(bytes.len());
+                let crc = bitwise_crc32c(&bytes[8..total]);
+                bytes[4..8].copy_from_slice(&crc.to_le_bytes());
+            }
+            check(&bytes);
+        }
+    }
+}
