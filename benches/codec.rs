@@ -160,6 +160,9 @@ fn main() {
     let mut traced_line = Line([0u8; DeliveryRecord::MAX_ENCODED_LEN]);
     let traced_bytes = &mut traced_line.0;
     traced.encode(traced_bytes).expect("encode traced");
+    // What the decode rows time must be the accepting path, not an early error.
+    assert_eq!(DeliveryRecord::decode(encoded), Ok(record));
+    assert_eq!(DeliveryRecord::decode(&*traced_bytes), Ok(traced));
 
     let mut group = c.benchmark_group("codec");
     let mut out_line = Line([0u8; 128]);

@@ -96,6 +96,8 @@ fn callbacks(c: &mut criterion::Criterion) -> CallbackFigures {
     let mut buffer = [0u8; DeliveryRecord::MIN_ENCODED_LEN + SAVE_SLACK];
     let mut saved = [0u8; DeliveryRecord::MIN_ENCODED_LEN];
     record.encode(&mut saved).expect("encode");
+    // The restore row must time the accepting path, not an early error.
+    assert_eq!(DeliveryRecord::decode(&saved), Ok(record));
 
     rec.bench(&mut group, "save probe", || {
         answer_save_call(Some(black_box(&record)), None)
