@@ -128,7 +128,7 @@ pub(crate) struct SaveCtx {
     pending: Option<bool>,
     /// The next unit's bytes (reused from unit to unit).
     unit: Vec<u8>,
-    /// The chunk body being assembled (reused from chunk to chunk).
+    /// The chunk being assembled: room for its header, then the units (handed out whole).
     body: Vec<u8>,
     /// The buffer the second save call is given (reused from packet to packet).
     scratch: Vec<u8>,

@@ -50,14 +50,18 @@ impl Shared {
             st.dpc_busy != Some(seq) && !st.dpc_work.iter().any(|w| w.channel == seq)
         });
         let save_unsent = self.config.save_unsent_packets;
-        let mut in_flight: Vec<(u64, u32)> = Vec::new();
+        // Packets in flight in (transaction id, sequence number) order, each pair packed into
+        // one integer that sorts the same way (the sequence number fills the low 32 bits).
+        let mut in_flight: Vec<u128> = Vec::new();
         let mut idle: Vec<u32> = Vec::new();
         for (pseq, p) in &st.packets {
             if p.channel != seq {
                 continue;
             }
             match p.state {
-                PacketState::Queued | PacketState::Sent => in_flight.push((p.txid, *pseq)),
+                PacketState::Queued | PacketState::Sent => {
+                    in_flight.push((u128::from(p.txid) << 32) | u128::from(*pseq));
+                }
                 PacketState::Idle if save_unsent => idle.push(*pseq),
                 PacketState::Idle => {}
             }
@@ -65,7 +69,10 @@ impl Shared {
         in_flight.sort_unstable();
         // Unsent packets in allocation order (the packet map is not ordered).
         idle.sort_unstable();
-        let mut queue: VecDeque<u32> = in_flight.into_iter().map(|(_, p)| p).collect();
+        let mut queue: VecDeque<u32> = in_flight
+            .into_iter()
+            .map(|key| (key & u128::from(u32::MAX)) as u32)
+            .collect();
         queue.extend(idle);
         let session = (u64::from(self.id) << 40) | NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
         if let Some(c) = st.channels.get_mut(&seq) {
@@ -159,8 +166,19 @@ impl Shared {
             return fail(NtStatus::INVALID_DEVICE_STATE);
         }
         let mut last = false;
+        // The chunk is assembled in `body`: room for its header first (filled in at the end),
+        // then the units. Room for all the chunk can hold is allocated once, but never more
+        // than `MAX_CHUNK_RESERVE` of units up front: `size` is the driver's buffer size, which
+        // may be far larger than what is left to save.
         if let Some(ctx) = st.channels.get_mut(&seq).and_then(|c| c.save.as_mut()) {
             ctx.body.clear();
+            ctx.body.reserve(
+                container::CHUNK_HEADER_LEN
+                    + size
+                        .saturating_sub(container::CHUNK_HEADER_LEN)
+                        .min(MAX_CHUNK_RESERVE),
+            );
+            ctx.body.resize(container::CHUNK_HEADER_LEN, 0);
         }
         loop {
             // Make sure the next unit is encoded.
@@ -188,8 +206,9 @@ impl Shared {
             let Some(is_end) = ctx.pending else {
                 break;
             };
-            if container::CHUNK_HEADER_LEN + ctx.body.len() + ctx.unit.len() > size {
-                if ctx.body.is_empty() {
+            let no_units = ctx.body.len() == container::CHUNK_HEADER_LEN;
+            if ctx.body.len() + ctx.unit.len() > size {
+                if no_units {
                     let required = container::CHUNK_HEADER_LEN + ctx.unit.len();
                     ctx.busy = false;
                     return SaveOutput {
@@ -199,15 +218,6 @@ impl Shared {
                     };
                 }
                 break;
-            }
-            if ctx.body.is_empty() {
-                // The first unit of a chunk: room for all the chunk can hold, allocated once,
-                // but never more than `MAX_CHUNK_RESERVE` up front: `size` is the driver's
-                // buffer size, which may be far larger than what is left to save.
-                ctx.body.reserve(
-                    size.saturating_sub(container::CHUNK_HEADER_LEN)
-                        .min(MAX_CHUNK_RESERVE),
-                );
             }
             ctx.body.extend_from_slice(&ctx.unit);
             ctx.pending = None;
@@ -219,10 +229,15 @@ impl Shared {
         let Some(ctx) = st.channels.get_mut(&seq).and_then(|c| c.save.as_mut()) else {
             return fail(NtStatus::INVALID_DEVICE_STATE);
         };
-        let header = container::chunk_header(ctx.chunk_index, ctx.session, last, &ctx.body);
-        let mut chunk = Vec::with_capacity(container::CHUNK_HEADER_LEN + ctx.body.len());
-        chunk.extend_from_slice(&header);
-        chunk.extend_from_slice(&ctx.body);
+        let (head, units) = ctx.body.split_at_mut(container::CHUNK_HEADER_LEN);
+        head.copy_from_slice(&container::chunk_header(
+            ctx.chunk_index,
+            ctx.session,
+            last,
+            units,
+        ));
+        // The assembled chunk is handed out as it is (the next chunk starts a new buffer).
+        let chunk = core::mem::take(&mut ctx.body);
         ctx.chunk_index = ctx.chunk_index.saturating_add(1);
         ctx.busy = false;
         if last {
