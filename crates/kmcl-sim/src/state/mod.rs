@@ -287,6 +287,49 @@ pub(crate) struct SaveOutput {
     pub(crate) required: u32,
 }
 
+/// [`State::tick`] on the two fields it uses, so a caller can tick while it holds a borrow of
+/// another field (the object the call names).
+fn tick_in(
+    counts: &mut [u64; KmclCall::COUNT],
+    faults: &super::config::FaultPlan,
+    call: KmclCall,
+) -> Option<NtStatus> {
+    let slot = counts.get_mut(call.index())?;
+    *slot = slot.saturating_add(1);
+    let count = *slot;
+    faults.find(call, count)
+}
+
+/// [`State::violation`] on the violation list alone (see [`tick_in`]).
+fn violation_in(
+    violations: &mut Vec<Violation>,
+    kind: ViolationKind,
+    call: KmclCall,
+    detail: impl Into<String>,
+) {
+    violations.push(Violation {
+        kind,
+        call: Some(call),
+        detail: detail.into(),
+    });
+}
+
+/// [`State::require_passive`] on the violation list alone (see [`tick_in`]).
+fn require_passive_in(violations: &mut Vec<Violation>, call: KmclCall) -> bool {
+    let level = irql::current_irql();
+    if level == Irql::Passive {
+        true
+    } else {
+        violation_in(
+            violations,
+            ViolationKind::WrongIrql,
+            call,
+            format!("called at {level:?}; requires PASSIVE_LEVEL"),
+        );
+        false
+    }
+}
+
 impl State {
     /// Records a violation.
     pub(crate) fn violation(
@@ -304,10 +347,7 @@ impl State {
 
     /// Counts a call that named a valid object and returns the injected fault for it, if any.
     pub(crate) fn tick(&mut self, call: KmclCall) -> Option<NtStatus> {
-        let slot = self.counts.get_mut(call.index())?;
-        *slot = slot.saturating_add(1);
-        let count = *slot;
-        self.faults.find(call, count)
+        tick_in(&mut self.counts, &self.faults, call)
     }
 
     /// Calls of `call` counted so far.
@@ -399,17 +439,7 @@ impl State {
 
     /// Records a violation if the caller is above PASSIVE_LEVEL; returns whether it is at PASSIVE.
     pub(crate) fn require_passive(&mut self, call: KmclCall) -> bool {
-        let level = irql::current_irql();
-        if level == Irql::Passive {
-            true
-        } else {
-            self.violation(
-                ViolationKind::WrongIrql,
-                Some(call),
-                format!("called at {level:?}; requires PASSIVE_LEVEL"),
-            );
-            false
-        }
+        require_passive_in(&mut self.violations, call)
     }
 
     /// Whether a blocking call may wait here (PASSIVE, not in a state-change callback, not on a

@@ -153,40 +153,44 @@ impl Shared {
         call: KmclCall,
         f: impl FnOnce(&mut Packet) -> R,
     ) -> Option<R> {
-        let mut st = self.lock();
-        if !st.live_packet(call, seq) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        // One lookup: the live check, then the call is counted, then `f` runs on the packet.
+        let Some(p) = st.packets.get_mut(&seq) else {
+            st.dead_handle(call, Kind::Packet, seq);
             return None;
-        }
-        let _ = st.tick(call);
-        st.packets.get_mut(&seq).map(f)
+        };
+        let _ = tick_in(&mut st.counts, &st.faults, call);
+        Some(f(p))
     }
 
     /// `VmbPacketSetCompletionRoutine`.
     pub(crate) fn packet_set_routine(&self, seq: u32, routine: PFN_VMB_PACKET_COMPLETION_ROUTINE) {
         let call = KmclCall::PacketSetCompletionRoutine;
-        let mut st = self.lock();
-        if !st.live_packet(call, seq) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        // One lookup: the live check, then the call is counted, then the packet is updated.
+        let Some(p) = st.packets.get_mut(&seq) else {
+            st.dead_handle(call, Kind::Packet, seq);
             return;
-        }
-        let _ = st.tick(call);
+        };
+        let _ = tick_in(&mut st.counts, &st.faults, call);
         let keep =
             self.config.restored_packet_context == RestoredPacketContext::KeepSetBeforeRestore;
         // A packet restored into a channel that has not run since cannot complete yet, so its
         // routine may be set again (the driver re-binds restored packets under every reading);
         // on a channel that may be running, a change races the completion.
-        let quiet = st.packets.get(&seq).is_some_and(|p| {
+        let quiet = || {
             st.channels.get(&p.channel).is_some_and(|c| {
                 c.lifecycle == Lifecycle::Disabled
                     || (self.config.restore_timing == RestoreTiming::AfterEnable && !c.running)
             })
-        });
-        let Some(p) = st.packets.get_mut(&seq) else {
-            return;
         };
-        if p.state != PacketState::Idle && keep && !quiet {
-            st.violation(
+        if p.state != PacketState::Idle && keep && !quiet() {
+            violation_in(
+                &mut st.violations,
                 ViolationKind::PacketModifiedInFlight,
-                Some(call),
+                call,
                 "completion routine changed while the library owns the packet (set it before \
                  VmbPacketSend / VmbPacketRestore; docs/kmcl-bindings.md §R4 and its undocumented points)",
             );

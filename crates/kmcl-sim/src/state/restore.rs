@@ -199,20 +199,22 @@ impl Shared {
     /// `VmbPacketRestore` (the FFI layer copied `LibBuf`).
     pub(crate) fn packet_restore(&self, seq: u32, lib_bytes: &[u8]) -> NtStatus {
         let call = KmclCall::PacketRestore;
-        let mut st = self.lock();
-        if !st.live_packet(call, seq) {
-            return NtStatus::INVALID_PARAMETER_1;
-        }
-        if !st.require_passive(call) {
-            return NtStatus::INVALID_DEVICE_STATE;
-        }
-        if let Some(status) = st.tick(call) {
-            return status;
-        }
-        let Some(p) = st.packets.get(&seq) else {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        // One packet lookup for the whole call: the live check, then the IRQL check, then the
+        // call is counted, then the checks and the update below (same order as ever).
+        let Some(p) = st.packets.get_mut(&seq) else {
+            st.dead_handle(call, Kind::Packet, seq);
             return NtStatus::INVALID_PARAMETER_1;
         };
+        if !require_passive_in(&mut st.violations, call) {
+            return NtStatus::INVALID_DEVICE_STATE;
+        }
+        if let Some(status) = tick_in(&mut st.counts, &st.faults, call) {
+            return status;
+        }
         let ch = p.channel;
+        let violations = &mut st.violations;
         let frame = irql::top_frame().filter(|f| f.instance == self.id);
         let Some(FrameKind::RestorePacket {
             channel,
@@ -220,33 +222,37 @@ impl Shared {
             restored,
         }) = frame.map(|f| f.kind)
         else {
-            st.violation(
+            violation_in(
+                violations,
                 ViolationKind::PacketRestoreMisuse,
-                Some(call),
+                call,
                 "VmbPacketRestore outside the restore callback",
             );
             return NtStatus::INVALID_DEVICE_STATE;
         };
         if channel != ch {
-            st.violation(
+            violation_in(
+                violations,
                 ViolationKind::PacketRestoreMisuse,
-                Some(call),
+                call,
                 "packet was allocated on another channel than the one being restored",
             );
             return NtStatus::INVALID_PARAMETER_1;
         }
         if restored.is_some() {
-            st.violation(
+            violation_in(
+                violations,
                 ViolationKind::PacketRestoreMisuse,
-                Some(call),
+                call,
                 "VmbPacketRestore called twice for one saved packet",
             );
             return NtStatus::INVALID_DEVICE_STATE;
         }
         if p.state != PacketState::Idle {
-            st.violation(
+            violation_in(
+                violations,
                 ViolationKind::PacketInFlight,
-                Some(call),
+                call,
                 "restoring into a packet that is in flight",
             );
             return NtStatus::INVALID_DEVICE_STATE;
@@ -254,9 +260,10 @@ impl Shared {
         let lib = match container::decode_lib_view(lib_bytes) {
             Ok(lib) if lib.txid == txid => lib,
             _ => {
-                st.violation(
+                violation_in(
+                    violations,
                     ViolationKind::PacketRestoreMisuse,
-                    Some(call),
+                    call,
                     "LibBuf is not the one this restore callback was given",
                 );
                 return NtStatus::INVALID_PARAMETER;
@@ -267,13 +274,11 @@ impl Shared {
             self.config.restored_packet_context != RestoredPacketContext::KeepSetBeforeRestore;
         let reset_pointer =
             self.config.restored_packet_context == RestoredPacketContext::ResetOnRestore;
-        let force_new = st.channels.get(&ch).is_some_and(|c| {
+        let mut c = st.channels.get_mut(&ch);
+        let force_new = c.as_ref().is_some_and(|c| {
             c.server_flags & VMBUS_SERVER_CHANNEL_INIT_FLAG_FORCE_NEW_CHANNEL != 0
         });
         let wait = lib.flags & VMBUS_CHANNEL_FORMAT_FLAG_WAIT_FOR_COMPLETION != 0;
-        let Some(p) = st.packets.get_mut(&seq) else {
-            return NtStatus::INVALID_PARAMETER_1;
-        };
         if reset_routine {
             p.routine = None;
         }
@@ -291,10 +296,11 @@ impl Shared {
             Location::Ring | Location::Delivered => PacketState::Sent,
         };
         p.state = new_state;
-        if new_state != PacketState::Idle {
-            st.txid_live(ch, lib.txid);
-        }
-        if let Some(c) = st.channels.get_mut(&ch) {
+        if let Some(c) = c.as_mut() {
+            if new_state != PacketState::Idle {
+                // `State::txid_live`, on the channel already looked up.
+                *c.live_txids.entry(lib.txid).or_insert(0) += 1;
+            }
             match new_state {
                 PacketState::Queued => c.host_queue.push_back(seq),
                 PacketState::Sent => {
