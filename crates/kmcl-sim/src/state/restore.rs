@@ -113,6 +113,12 @@ impl Shared {
         }
         session.get_or_insert(chunk.session);
         c.restore = RestorePhase::Busy;
+        // Room up front for what the chunk's packets will add (the driver allocates and restores
+        // one packet object per unit, each carrying a live transaction id), so the maps do not
+        // grow one rehash at a time during the callbacks.
+        let units = libs.iter().flatten().count();
+        c.live_txids.reserve(units);
+        st.packets.reserve(units);
         let padded = self.config.restore_save_buf_size == RestoreSaveBufSize::PaddedWithZeros;
         let ch_handle = self.handle(seq, Kind::Channel);
         drop(st);
@@ -196,7 +202,7 @@ impl Shared {
         }
     }
 
-    /// `VmbPacketRestore` (the FFI layer copied `LibBuf`).
+    /// `VmbPacketRestore` (`lib_bytes`: the driver's `LibBuf`, read in place by the FFI layer).
     pub(crate) fn packet_restore(&self, seq: u32, lib_bytes: &[u8]) -> NtStatus {
         let call = KmclCall::PacketRestore;
         let mut guard = self.lock();
