@@ -297,4 +297,65 @@ mod tests {
         unregister(id);
         drop(old);
     }
+
+    // The cache holds its instance strongly (`with_instance` lends it without reference
+    // counting): it must still answer exactly as the registry does, never hold a borrow that a
+    // nested lookup trips over, and not keep a finished instance alive on the thread that
+    // unregistered it.
+
+    /// An unregistered instance is no longer lent, on this thread or on another one that cached
+    /// it, and the unregistering thread lets go of it.
+    #[test]
+    fn the_cache_lends_only_a_registered_instance_and_unregister_lets_go() {
+        let id = next_instance_id();
+        let shared = Arc::new(Shared::new(id, crate::SimConfig::default()));
+        register(id, &shared);
+        assert_eq!(with_instance(id, |s| s.id).ok(), Some(id));
+        let (cached, release) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        let other = std::thread::scope(|scope| {
+            let worker = scope.spawn(|| {
+                assert!(with_instance(id, |_| ()).is_ok());
+                cached.wait();
+                release.wait();
+                (with_instance(id, |_| ()).is_err(), lookup(id).is_none())
+            });
+            cached.wait();
+            unregister(id);
+            release.wait();
+            worker.join().unwrap_or((false, false))
+        });
+        assert_eq!(
+            other,
+            (true, true),
+            "another thread's cache answered after unregister"
+        );
+        assert!(with_instance(id, |_| ()).is_err());
+        let weak = Arc::downgrade(&shared);
+        drop(shared);
+        assert_eq!(
+            weak.strong_count(),
+            0,
+            "this thread's cache kept the instance alive"
+        );
+    }
+
+    /// A lookup nested inside `with_instance` (a driver callback inside a table call) finds its
+    /// instance whether or not the cache names it, while the cache is lent out.
+    #[test]
+    fn a_lookup_nested_in_a_lent_instance_finds_another_one() {
+        let (a, b) = (next_instance_id(), next_instance_id());
+        let first = Arc::new(Shared::new(a, crate::SimConfig::default()));
+        let second = Arc::new(Shared::new(b, crate::SimConfig::default()));
+        register(a, &first);
+        register(b, &second);
+        let nested = with_instance(a, |outer| {
+            let inner = with_instance(b, |s| s.id).ok();
+            let again = lookup(a).map(|s| s.id);
+            (outer.id, inner, again)
+        });
+        assert_eq!(nested.ok(), Some((a, Some(b), Some(a))));
+        assert_eq!(lookup(b).map(|s| s.id), Some(b));
+        unregister(a);
+        unregister(b);
+    }
 }

@@ -109,7 +109,11 @@ fn on_handle<R>(
 }
 
 /// [`on_handle`] for a channel handle.
-fn on_channel<R>(call: KmclCall, ch: VMBCHANNEL, body: impl FnOnce(&Shared, u32) -> R) -> Option<R> {
+fn on_channel<R>(
+    call: KmclCall,
+    ch: VMBCHANNEL,
+    body: impl FnOnce(&Shared, u32) -> R,
+) -> Option<R> {
     on_handle(call, handle::addr(ch), Kind::Channel, body)
 }
 
