@@ -50,29 +50,22 @@ impl Shared {
             st.dpc_busy != Some(seq) && !st.dpc_work.iter().any(|w| w.channel == seq)
         });
         let save_unsent = self.config.save_unsent_packets;
-        // Packets in flight in (transaction id, sequence number) order, each pair packed into
-        // one integer that sorts the same way (the sequence number fills the low 32 bits).
-        let mut in_flight: Vec<u128> = Vec::new();
+        let mut in_flight: Vec<(u64, u32)> = Vec::new();
         let mut idle: Vec<u32> = Vec::new();
         for (pseq, p) in &st.packets {
             if p.channel != seq {
                 continue;
             }
             match p.state {
-                PacketState::Queued | PacketState::Sent => {
-                    in_flight.push((u128::from(p.txid) << 32) | u128::from(*pseq));
-                }
+                PacketState::Queued | PacketState::Sent => in_flight.push((p.txid, *pseq)),
                 PacketState::Idle if save_unsent => idle.push(*pseq),
                 PacketState::Idle => {}
             }
         }
-        in_flight.sort_unstable();
+        // In-flight packets in (transaction id, sequence number) order.
+        let mut queue: VecDeque<u32> = in_flight_order(in_flight);
         // Unsent packets in allocation order (the packet map is not ordered).
         idle.sort_unstable();
-        let mut queue: VecDeque<u32> = in_flight
-            .into_iter()
-            .map(|key| (key & u128::from(u32::MAX)) as u32)
-            .collect();
         queue.extend(idle);
         let session = (u64::from(self.id) << 40) | NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
         if let Some(c) = st.channels.get_mut(&seq) {
@@ -427,5 +420,104 @@ impl Shared {
         // the probe asked for; the 0xCC pre-fill makes a callback that leaves part of those
         // unwritten visible to the driver's own decoder at restore time.
         Ok((needed as usize, alloc))
+    }
+}
+
+/// The sequence numbers of `packets` (transaction id, sequence number) in the order
+/// `sort_unstable` puts the pairs in. While every transaction id fits 32 bits (it counts up from 1
+/// through the process), each pair is packed into one `u64` that sorts the same way and sorted by
+/// [`sort_keys`]; otherwise the pairs are sorted as they are.
+fn in_flight_order(mut packets: Vec<(u64, u32)>) -> VecDeque<u32> {
+    if packets.iter().all(|&(txid, _)| txid <= u64::from(u32::MAX)) {
+        let mut keys: Vec<u64> = packets
+            .iter()
+            .map(|&(txid, pseq)| (txid << 32) | u64::from(pseq))
+            .collect();
+        sort_keys(&mut keys);
+        keys.into_iter().map(|key| key as u32).collect()
+    } else {
+        packets.sort_unstable();
+        packets.into_iter().map(|(_, pseq)| pseq).collect()
+    }
+}
+
+/// Sorts `keys` ascending (the same result as `sort_unstable`: equal keys are indistinguishable)
+/// by a least-significant-byte-first radix sort that skips every byte position where all keys
+/// agree. A channel's in-flight keys differ in a few low bytes of the transaction id and of the
+/// sequence number, so this is a handful of linear passes instead of a comparison sort.
+fn sort_keys(keys: &mut Vec<u64>) {
+    if keys.len() < 64 {
+        keys.sort_unstable();
+        return;
+    }
+    // One pass counts every byte position's digits.
+    let mut counts = [[0usize; 256]; 8];
+    for &key in keys.iter() {
+        for (byte, count) in key.to_le_bytes().into_iter().zip(counts.iter_mut()) {
+            count[usize::from(byte)] += 1;
+        }
+    }
+    let mut scratch = std::vec![0u64; keys.len()];
+    for (position, count) in counts.iter().enumerate() {
+        if count.contains(&keys.len()) {
+            continue; // every key has the same byte here
+        }
+        let mut offsets = [0usize; 256];
+        let mut total = 0;
+        for (offset, &n) in offsets.iter_mut().zip(count.iter()) {
+            *offset = total;
+            total += n;
+        }
+        let shift = position * 8;
+        for &key in keys.iter() {
+            let digit = usize::from((key >> shift) as u8);
+            if let Some(slot) = scratch.get_mut(offsets[digit]) {
+                *slot = key;
+            }
+            offsets[digit] += 1;
+        }
+        core::mem::swap(keys, &mut scratch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{VecDeque, in_flight_order, sort_keys};
+    use std::vec::Vec;
+
+    /// The radix sort agrees with `sort_unstable` on short and long inputs, duplicates, keys that
+    /// differ only in high bytes, and the channel-shaped keys it is used for; and the in-flight
+    /// order is the pairs' order, with or without transaction ids beyond 32 bits.
+    #[test]
+    fn sort_keys_matches_sort_unstable() {
+        let mut state = 0x1234_5678_9ABC_DEF0_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for len in [0usize, 1, 2, 63, 64, 65, 500, 2100] {
+            for shape in 0..5 {
+                let pairs: Vec<(u64, u32)> = (0..len)
+                    .map(|i| match shape {
+                        0 => (next(), next() as u32),
+                        1 => (1000 + next() % 3000, (i % 4000) as u32),
+                        2 => ((next() % 4) << 28, 7),
+                        3 => (next() % 3, (next() % 3) as u32),
+                        _ => (next() & 0xFFFF_FFFF, next() as u32),
+                    })
+                    .collect();
+                let mut expected = pairs.clone();
+                expected.sort_unstable();
+                let expected: VecDeque<u32> = expected.into_iter().map(|(_, p)| p).collect();
+                assert_eq!(in_flight_order(pairs.clone()), expected, "length {len}");
+                let mut keys: Vec<u64> = pairs.iter().map(|&(t, p)| t ^ u64::from(p)).collect();
+                let mut sorted = keys.clone();
+                sorted.sort_unstable();
+                sort_keys(&mut keys);
+                assert_eq!(keys, sorted, "length {len}");
+            }
+        }
     }
 }
