@@ -72,6 +72,7 @@ impl Shared {
                 batch: 0,
                 save: None,
                 restore: RestorePhase::Idle,
+                restore_chunk: None,
             },
         );
         Ok(self.handle(seq, Kind::Channel))

@@ -192,6 +192,9 @@ pub(crate) struct Channel {
     pub(crate) batch: u32,
     pub(crate) save: Option<SaveCtx>,
     pub(crate) restore: RestorePhase,
+    /// The chunk `VmbChannelRestoreFromBuffer` is restoring from, while its restore callbacks
+    /// run: a packet restored from one of its `LibBuf`s shares its payload bytes.
+    pub(crate) restore_chunk: Option<Arc<[u8]>>,
 }
 
 /// A pointer the driver stored (channel or packet context). The simulator never dereferences it;
@@ -228,7 +231,50 @@ pub(crate) struct Packet {
     pub(crate) state: PacketState,
     pub(crate) txid: u64,
     pub(crate) flags: u32,
-    pub(crate) payload: Vec<u8>,
+    pub(crate) payload: Payload,
+}
+
+/// A packet's bytes: its own copy (sent by the driver), or a range of the restored chunk it came
+/// from (shared by the packets restored from that chunk instead of a copy each).
+pub(crate) enum Payload {
+    /// Bytes of this packet alone.
+    Owned(Vec<u8>),
+    /// `chunk[range]`.
+    Restored {
+        chunk: Arc<[u8]>,
+        range: core::ops::Range<usize>,
+    },
+}
+
+impl Payload {
+    /// No bytes.
+    pub(crate) const EMPTY: Payload = Payload::Owned(Vec::new());
+
+    /// `payload`, shared from `chunk` if it lies within it, else copied.
+    pub(crate) fn from_chunk(chunk: Option<&Arc<[u8]>>, payload: &[u8]) -> Payload {
+        if let Some(chunk) = chunk {
+            let base = chunk.as_ptr().addr();
+            let start = payload.as_ptr().addr().wrapping_sub(base);
+            if start <= chunk.len() && payload.len() <= chunk.len() - start {
+                return Payload::Restored {
+                    chunk: Arc::clone(chunk),
+                    range: start..start + payload.len(),
+                };
+            }
+        }
+        Payload::Owned(payload.to_vec())
+    }
+}
+
+impl core::ops::Deref for Payload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::Owned(bytes) => bytes,
+            Payload::Restored { chunk, range } => chunk.get(range.clone()).unwrap_or(&[]),
+        }
+    }
 }
 
 /// An incoming packet (a `VMBPACKETCOMPLETION`).
@@ -531,7 +577,7 @@ impl State {
             let wait = p.flags & VMBUS_CHANNEL_FORMAT_FLAG_WAIT_FOR_COMPLETION != 0;
             mem.ring.push_back(RingEntry {
                 txid: wait.then_some(p.txid),
-                bytes: p.payload.clone(),
+                bytes: p.payload.to_vec(),
             });
             p.state = PacketState::Sent;
             if wait {
@@ -790,3 +836,30 @@ mod lifecycle;
 mod packets;
 mod restore;
 mod save;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A payload inside the restored chunk is shared (same bytes, no copy); one anywhere else
+    /// (the driver passed its own copy of `LibBuf`) is copied; either way it reads the same.
+    #[test]
+    fn a_payload_is_shared_only_from_inside_the_chunk() {
+        let chunk: Arc<[u8]> = Arc::from(&[1u8, 2, 3, 4, 5, 6][..]);
+        let inside = chunk.get(2..5).unwrap_or(&[]);
+        let shared = Payload::from_chunk(Some(&chunk), inside);
+        assert!(matches!(&shared, Payload::Restored { range, .. } if *range == (2..5)));
+        assert_eq!(&*shared, &[3, 4, 5]);
+        let at_end = chunk.get(6..).unwrap_or(&[1]);
+        assert_eq!(&*Payload::from_chunk(Some(&chunk), at_end), &[] as &[u8]);
+        let copy = std::vec![3u8, 4, 5];
+        let owned = Payload::from_chunk(Some(&chunk), &copy);
+        assert!(matches!(owned, Payload::Owned(_)));
+        assert_eq!(&*owned, &[3, 4, 5]);
+        let straddling: Vec<u8> = std::vec![0u8; 64];
+        assert!(matches!(
+            Payload::from_chunk(None, &straddling),
+            Payload::Owned(_)
+        ));
+    }
+}

@@ -112,7 +112,7 @@ impl Shared {
                 state: PacketState::Idle,
                 txid: 0,
                 flags: 0,
-                payload: Vec::new(),
+                payload: Payload::EMPTY,
             },
         );
         self.handle(seq, Kind::Packet)
@@ -322,7 +322,7 @@ impl Shared {
         if let Some(p) = st.packets.get_mut(&seq) {
             p.txid = txid;
             p.flags = flags;
-            p.payload = bytes;
+            p.payload = Payload::Owned(bytes);
             p.state = PacketState::Queued;
         }
         st.txid_live(ch, txid);

@@ -7,7 +7,8 @@ impl Shared {
     // ---- restore ---------------------------------------------------------------------------------
 
     /// `VmbChannelRestoreFromBuffer` with a copy of the driver's buffer.
-    pub(crate) fn restore_from_buffer(&self, seq: u32, bytes: &[u8]) -> NtStatus {
+    pub(crate) fn restore_from_buffer(&self, seq: u32, chunk_copy: &Arc<[u8]>) -> NtStatus {
+        let bytes: &[u8] = chunk_copy;
         let call = KmclCall::ChannelRestoreFromBuffer;
         let mut st = self.lock();
         if !st.live_channel(call, seq) {
@@ -118,6 +119,7 @@ impl Shared {
         // grow one rehash at a time during the callbacks.
         let units = libs.iter().flatten().count();
         c.live_txids.reserve(units);
+        c.restore_chunk = Some(Arc::clone(chunk_copy));
         st.packets.reserve(units);
         let padded = self.config.restore_save_buf_size == RestoreSaveBufSize::PaddedWithZeros;
         let ch_handle = self.handle(seq, Kind::Channel);
@@ -178,6 +180,7 @@ impl Shared {
                     }
                     if let Some(c) = st.channels.get_mut(&seq) {
                         c.restore = RestorePhase::Failed;
+                        c.restore_chunk = None;
                     }
                     return status;
                 }
@@ -187,6 +190,7 @@ impl Shared {
         let Some(c) = st.channels.get_mut(&seq) else {
             return NtStatus::INVALID_DEVICE_STATE;
         };
+        c.restore_chunk = None;
         if chunk.last {
             c.restore = RestorePhase::Done;
             drop(st);
@@ -293,7 +297,12 @@ impl Shared {
         }
         p.txid = lib.txid;
         p.flags = lib.flags;
-        p.payload = lib.payload.to_vec();
+        // The payload is shared with the chunk being restored when `LibBuf` lies in it (the
+        // buffer the restore callback was given), copied otherwise.
+        p.payload = Payload::from_chunk(
+            c.as_ref().and_then(|c| c.restore_chunk.as_ref()),
+            lib.payload,
+        );
         let requeue = force_new || !wait;
         let new_state = match lib.location {
             Location::Idle => PacketState::Idle,

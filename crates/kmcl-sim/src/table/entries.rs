@@ -447,9 +447,16 @@ server {
 
     VmbChannelRestoreFromBuffer => ChannelRestoreFromBuffer: fn vmb_channel_restore_from_buffer(ch: VMBCHANNEL, buffer: PVOID, size: u32) -> NtStatus,
         neutral NtStatus::INVALID_PARAMETER,
-        |call| with_bytes(channel(call, ch), call, buffer, size, |shared, seq, bytes| {
-            shared.restore_from_buffer(seq, bytes)
-        });
+        |call| {
+            let Some((shared, seq)) = channel(call, ch) else {
+                return NtStatus::INVALID_PARAMETER_1;
+            };
+            // Copied in before any driver callback runs, into the buffer restored packets share.
+            match copy_in_as(&shared, call, buffer, size, shared_copy) {
+                Some(chunk) => shared.restore_from_buffer(seq, &chunk),
+                None => NtStatus::INVALID_PARAMETER_2,
+            }
+        };
 
     VmbChannelSaveBegin => ChannelSaveBegin: fn vmb_channel_save_begin(ch: VMBCHANNEL) -> NtStatus,
         neutral NtStatus::INVALID_PARAMETER_1,

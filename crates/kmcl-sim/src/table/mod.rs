@@ -143,8 +143,20 @@ fn bad_argument(shared: &Shared, call: KmclCall, detail: &str) {
 /// Copies `len` bytes in from a driver buffer (`_In_reads_bytes_(len)`); `None` (and a violation)
 /// for NULL with a nonzero length.
 fn copy_in(shared: &Shared, call: KmclCall, ptr: *const c_void, len: u32) -> Option<Vec<u8>> {
+    copy_in_as(shared, call, ptr, len, <[u8]>::to_vec)
+}
+
+/// [`copy_in`] into the owned form `copy` makes of the bytes (a `Vec`, an `Arc<[u8]>`): `copy`
+/// cannot keep a borrow of the driver's buffer (its result does not depend on the borrow).
+fn copy_in_as<T>(
+    shared: &Shared,
+    call: KmclCall,
+    ptr: *const c_void,
+    len: u32,
+    copy: impl for<'a> FnOnce(&'a [u8]) -> T,
+) -> Option<T> {
     if len == 0 {
-        return Some(Vec::new());
+        return Some(copy(&[]));
     }
     if ptr.is_null() {
         bad_argument(shared, call, "NULL buffer with a nonzero length");
@@ -152,9 +164,15 @@ fn copy_in(shared: &Shared, call: KmclCall, ptr: *const c_void, len: u32) -> Opt
     }
     // SAFETY: the KMCL contract (`_In_reads_bytes_(len)`) is that the caller passes `len` readable,
     // initialized bytes at `ptr` for the duration of the call; `ptr` was checked non-NULL and a
-    // byte slice has no alignment requirement. The bytes are copied before returning.
+    // byte slice has no alignment requirement. The bytes are copied (by `copy`, whose result
+    // cannot borrow them) before returning.
     let bytes = unsafe { core::slice::from_raw_parts(ptr.cast::<u8>(), len as usize) };
-    Some(bytes.to_vec())
+    Some(copy(bytes))
+}
+
+/// A reference-counted copy of `bytes` (for [`copy_in_as`]).
+fn shared_copy(bytes: &[u8]) -> Arc<[u8]> {
+    Arc::from(bytes)
 }
 
 /// Writes an out parameter if the pointer is not NULL; returns whether it wrote.
@@ -202,24 +220,6 @@ fn refuse<R>(found: Option<(Arc<Shared>, u32)>, call: KmclCall, why: Refusal, re
         }
     }
     result
-}
-
-/// Looks up the handle, copies `len` bytes in from `buffer`, and runs `op` on them:
-/// `STATUS_INVALID_PARAMETER_1` for a bad handle, `_2` for a bad buffer.
-fn with_bytes(
-    found: Option<(Arc<Shared>, u32)>,
-    call: KmclCall,
-    buffer: *const c_void,
-    len: u32,
-    op: impl FnOnce(&Shared, u32, &[u8]) -> NtStatus,
-) -> NtStatus {
-    let Some((shared, seq)) = found else {
-        return NtStatus::INVALID_PARAMETER_1;
-    };
-    match copy_in(&shared, call, buffer, len) {
-        Some(bytes) => op(&shared, seq, &bytes),
-        None => NtStatus::INVALID_PARAMETER_2,
-    }
 }
 
 /// Runs `op` on `len` bytes of the driver's `buffer`, read in place (not copied): for a call that
