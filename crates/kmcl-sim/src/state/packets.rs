@@ -87,18 +87,17 @@ impl Shared {
     /// `VmbPacketAllocate`: 0 (NULL) on pool exhaustion or injected fault.
     pub(crate) fn packet_allocate(&self, ch: u32) -> usize {
         let call = KmclCall::PacketAllocate;
-        let mut st = self.lock();
-        if !st.live_channel(call, ch) {
-            return 0;
-        }
-        if st.tick(call).is_some() {
-            return 0;
-        }
-        let pool = self.config.packet_pool_size;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        // One channel lookup: the live check, then the call is counted, then the pool.
         let Some(c) = st.channels.get_mut(&ch) else {
+            st.dead_handle(call, Kind::Channel, ch);
             return 0;
         };
-        if c.allocated >= pool {
+        if tick_in(&mut st.counts, &st.faults, call).is_some() {
+            return 0;
+        }
+        if c.allocated >= self.config.packet_pool_size {
             return 0;
         }
         c.allocated += 1;
