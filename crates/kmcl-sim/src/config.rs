@@ -111,7 +111,7 @@ impl FaultPlan {
 
     /// The fault (if any) that applies to call number `count` (1-based) of kind `call`.
     pub(crate) fn find(&self, call: KmclCall, count: u64) -> Option<NtStatus> {
-        if !call.is_fallible() {
+        if self.faults.is_empty() || !call.is_fallible() {
             return None;
         }
         self.faults

@@ -201,6 +201,48 @@ pub(crate) fn decode_lib_view(bytes: &[u8]) -> Result<LibView<'_>, NtStatus> {
     if crc32c::checksum(body) != crc {
         return Err(NtStatus::DATA_ERROR);
     }
+    decode_lib_body(body)
+}
+
+/// The fields of a `LibBuf` body (its CRC already checked). A whole header is read in place: the
+/// same checks, in the same order, with the same results as [`decode_lib_body_reader`], which
+/// handles a truncated one.
+fn decode_lib_body(body: &[u8]) -> Result<LibView<'_>, NtStatus> {
+    let bad = NtStatus::INVALID_PARAMETER;
+    if let Some((header, payload)) = body.split_first_chunk::<LIB_HEADER_LEN>() {
+        let field = |at: usize| -> [u8; 8] {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&header[at..at + 8]);
+            bytes
+        };
+        if header[..4] != LIB_MAGIC {
+            return Err(bad);
+        }
+        if u16::from_le_bytes([header[4], header[5]]) != FORMAT_VERSION {
+            return Err(NtStatus::REVISION_MISMATCH);
+        }
+        let location = Location::from_u8(header[6]).ok_or(bad)?;
+        let txid = u64::from_le_bytes(field(8));
+        let flags = u32::from_le_bytes([header[16], header[17], header[18], header[19]]);
+        let payload_len = u32::from_le_bytes([header[20], header[21], header[22], header[23]]);
+        let session = u64::from_le_bytes(field(24));
+        if payload.len() != payload_len as usize {
+            return Err(bad);
+        }
+        return Ok(LibView {
+            location,
+            txid,
+            flags,
+            session,
+            payload,
+        });
+    }
+    decode_lib_body_reader(body)
+}
+
+/// [`decode_lib_body`] field by field with a bounds-checked reader.
+fn decode_lib_body_reader(body: &[u8]) -> Result<LibView<'_>, NtStatus> {
+    let bad = NtStatus::INVALID_PARAMETER;
     let mut r = Reader { bytes: body };
     if r.take(4) != Some(&LIB_MAGIC[..]) {
         return Err(bad);
@@ -445,6 +487,39 @@ mod tests {
         assert_eq!(decode_lib(&bad), Err(NtStatus::DATA_ERROR));
         assert!(decode_lib(&bytes[..bytes.len() - 1]).is_err());
         assert!(decode_lib(&[]).is_err());
+    }
+
+    /// The in-place header read gives the reader's answer (value or error status) for every
+    /// truncation, every single-byte change and a longer and a shorter payload length.
+    #[test]
+    fn the_in_place_lib_decode_is_the_reader_decode() {
+        let state = LibState {
+            location: Location::Ring,
+            txid: 0x0102_0304_0506_0708,
+            flags: 0x11,
+            session: 0xAABB_CCDD,
+            payload: (0..40u8).collect(),
+        };
+        let bytes = encode_lib(&state);
+        let body = &bytes[..bytes.len() - 4];
+        let mut bodies: Vec<Vec<u8>> = (0..=body.len()).map(|n| body[..n].to_vec()).collect();
+        for at in 0..body.len() {
+            for value in [0u8, 1, 2, 3, 4, 0x7F, 0xFF] {
+                let mut changed = body.to_vec();
+                changed[at] = value;
+                bodies.push(changed);
+            }
+        }
+        let mut longer = body.to_vec();
+        longer.push(0);
+        bodies.push(longer);
+        for body in &bodies {
+            assert_eq!(
+                decode_lib_body(body),
+                decode_lib_body_reader(body),
+                "{body:?}"
+            );
+        }
     }
 
     #[test]

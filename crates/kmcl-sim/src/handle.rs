@@ -7,6 +7,7 @@
 //! numbers are never reused within an instance and instance ids never within a process, so a
 //! freed handle stays recognisable as freed forever.
 
+use core::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -124,38 +125,97 @@ pub(crate) fn unregister(id: u32) {
     if let Some(shared) = removed.as_ref().and_then(Weak::upgrade) {
         shared.registered.store(false, Ordering::Release);
     }
+    forget(id);
 }
 
 std::thread_local! {
     /// The instance this thread looked up last: every table call resolves a handle, and a thread
-    /// almost always talks to one instance, so most lookups skip the global registry's lock.
-    static LAST: core::cell::RefCell<Option<(u32, Weak<Shared>)>> =
-        const { core::cell::RefCell::new(None) };
+    /// almost always talks to one instance, so most lookups skip the global registry's lock, and
+    /// [`with_instance`] lends the instance out without touching its reference count.
+    ///
+    /// A strong reference: the cached instance answers only while it is registered (`unregister`,
+    /// and a `register` that replaces it under a reused id, clear the flag), exactly as the
+    /// registry would; it is let go by `unregister` on this thread, by this thread's next lookup
+    /// that misses the cache, or when the thread exits.
+    static LAST: RefCell<Option<(u32, Arc<Shared>)>> = const { RefCell::new(None) };
 }
 
 /// The live instance with this id.
 pub(crate) fn lookup(id: u32) -> Option<Arc<Shared>> {
-    let cached = LAST.with(|last| match &*last.borrow() {
-        Some((last_id, weak)) if *last_id == id => Some(weak.upgrade()),
-        _ => None,
-    });
-    // A cached instance answers only while it is alive and registered (`unregister`, and a
-    // `register` that replaces it under a reused id, clear the flag); otherwise the registry
-    // decides, exactly as without the cache.
-    if let Some(Some(shared)) = cached
-        && shared.registered.load(Ordering::Acquire)
-    {
-        return Some(shared);
-    }
+    LAST.with(|last| {
+        if let Ok(cache) = last.try_borrow()
+            && let Some((cached_id, shared)) = &*cache
+            && *cached_id == id
+            && shared.registered.load(Ordering::Acquire)
+        {
+            return Some(Arc::clone(shared));
+        }
+        lookup_registry(id, last)
+    })
+}
+
+/// Runs `f` on the live instance with this id, lent from this thread's cache when it names the
+/// instance (no reference counting); gives `f` back if no live instance has the id. Same answer as
+/// [`lookup`].
+pub(crate) fn with_instance<R, F: FnOnce(&Shared) -> R>(id: u32, f: F) -> Result<R, F> {
+    LAST.with(|last| {
+        if let Ok(cache) = last.try_borrow()
+            && let Some((cached_id, shared)) = &*cache
+            && *cached_id == id
+            && shared.registered.load(Ordering::Acquire)
+        {
+            // The shared borrow of the cache is held while `f` runs: a nested lookup on this
+            // thread (a callback inside the call) still reads the cache, and one that misses it
+            // asks the registry without caching (`lookup_registry`).
+            return Ok(f(shared));
+        }
+        match lookup_registry(id, last) {
+            Some(shared) => Ok(f(&shared)),
+            None => Err(f),
+        }
+    })
+}
+
+/// The registry's answer for `id`, remembered in this thread's cache (or, when the registry has no
+/// live instance under `id`, the cache forgets an instance that is no longer registered). The
+/// cache is left alone while an outer call on this thread is using it.
+#[cold]
+fn lookup_registry(id: u32, last: &RefCell<Option<(u32, Arc<Shared>)>>) -> Option<Arc<Shared>> {
     let found = INSTANCES
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .get(&id)
         .and_then(Weak::upgrade);
-    if let Some(shared) = &found {
-        LAST.with(|last| *last.borrow_mut() = Some((id, Arc::downgrade(shared))));
-    }
+    let evicted = match last.try_borrow_mut() {
+        Ok(mut cache) => match &found {
+            Some(shared) => cache.replace((id, Arc::clone(shared))),
+            None if cache
+                .as_ref()
+                .is_some_and(|(_, cached)| !cached.registered.load(Ordering::Acquire)) =>
+            {
+                cache.take()
+            }
+            None => None,
+        },
+        Err(_) => None,
+    };
+    // An evicted instance is dropped here, with the cache no longer borrowed.
+    drop(evicted);
     found
+}
+
+/// Lets go of this thread's cached instance if it is `id` (on `unregister`).
+fn forget(id: u32) {
+    let evicted = LAST
+        .try_with(|last| match last.try_borrow_mut() {
+            Ok(mut cache) if cache.as_ref().is_some_and(|(cached, _)| *cached == id) => {
+                cache.take()
+            }
+            _ => None,
+        })
+        .ok()
+        .flatten();
+    drop(evicted);
 }
 
 #[cfg(test)]
@@ -236,5 +296,66 @@ mod tests {
         );
         unregister(id);
         drop(old);
+    }
+
+    // The cache holds its instance strongly (`with_instance` lends it without reference
+    // counting): it must still answer exactly as the registry does, never hold a borrow that a
+    // nested lookup trips over, and not keep a finished instance alive on the thread that
+    // unregistered it.
+
+    /// An unregistered instance is no longer lent, on this thread or on another one that cached
+    /// it, and the unregistering thread lets go of it.
+    #[test]
+    fn the_cache_lends_only_a_registered_instance_and_unregister_lets_go() {
+        let id = next_instance_id();
+        let shared = Arc::new(Shared::new(id, crate::SimConfig::default()));
+        register(id, &shared);
+        assert_eq!(with_instance(id, |s| s.id).ok(), Some(id));
+        let (cached, release) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        let other = std::thread::scope(|scope| {
+            let worker = scope.spawn(|| {
+                assert!(with_instance(id, |_| ()).is_ok());
+                cached.wait();
+                release.wait();
+                (with_instance(id, |_| ()).is_err(), lookup(id).is_none())
+            });
+            cached.wait();
+            unregister(id);
+            release.wait();
+            worker.join().unwrap_or((false, false))
+        });
+        assert_eq!(
+            other,
+            (true, true),
+            "another thread's cache answered after unregister"
+        );
+        assert!(with_instance(id, |_| ()).is_err());
+        let weak = Arc::downgrade(&shared);
+        drop(shared);
+        assert_eq!(
+            weak.strong_count(),
+            0,
+            "this thread's cache kept the instance alive"
+        );
+    }
+
+    /// A lookup nested inside `with_instance` (a driver callback inside a table call) finds its
+    /// instance whether or not the cache names it, while the cache is lent out.
+    #[test]
+    fn a_lookup_nested_in_a_lent_instance_finds_another_one() {
+        let (a, b) = (next_instance_id(), next_instance_id());
+        let first = Arc::new(Shared::new(a, crate::SimConfig::default()));
+        let second = Arc::new(Shared::new(b, crate::SimConfig::default()));
+        register(a, &first);
+        register(b, &second);
+        let nested = with_instance(a, |outer| {
+            let inner = with_instance(b, |s| s.id).ok();
+            let again = lookup(a).map(|s| s.id);
+            (outer.id, inner, again)
+        });
+        assert_eq!(nested.ok(), Some((a, Some(b), Some(a))));
+        assert_eq!(lookup(b).map(|s| s.id), Some(b));
+        unregister(a);
+        unregister(b);
     }
 }

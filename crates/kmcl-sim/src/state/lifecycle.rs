@@ -72,6 +72,7 @@ impl Shared {
                 batch: 0,
                 save: None,
                 restore: RestorePhase::Idle,
+                restore_chunk: None,
             },
         );
         Ok(self.handle(seq, Kind::Channel))
@@ -374,12 +375,15 @@ impl Shared {
         call: KmclCall,
         read: impl FnOnce(&mut Channel) -> R,
     ) -> Option<R> {
-        let mut st = self.lock();
-        if !st.live_channel(call, seq) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        // One lookup: the live check, then the call is counted, then `read` runs on the channel.
+        let Some(c) = st.channels.get_mut(&seq) else {
+            st.dead_handle(call, Kind::Channel, seq);
             return None;
-        }
-        let _ = st.tick(call);
-        st.channels.get_mut(&seq).map(read)
+        };
+        let _ = tick_in(&mut st.counts, &st.faults, call);
+        Some(read(c))
     }
 
     /// `VmbChannelSetIncomingProcessingAtPassive`.

@@ -128,7 +128,7 @@ pub(crate) struct SaveCtx {
     pending: Option<bool>,
     /// The next unit's bytes (reused from unit to unit).
     unit: Vec<u8>,
-    /// The chunk body being assembled (reused from chunk to chunk).
+    /// The chunk being assembled: room for its header, then the units (handed out whole).
     body: Vec<u8>,
     /// The buffer the second save call is given (reused from packet to packet).
     scratch: Vec<u8>,
@@ -192,6 +192,9 @@ pub(crate) struct Channel {
     pub(crate) batch: u32,
     pub(crate) save: Option<SaveCtx>,
     pub(crate) restore: RestorePhase,
+    /// The chunk `VmbChannelRestoreFromBuffer` is restoring from, while its restore callbacks
+    /// run: a packet restored from one of its `LibBuf`s shares its payload bytes.
+    pub(crate) restore_chunk: Option<Arc<[u8]>>,
 }
 
 /// A pointer the driver stored (channel or packet context). The simulator never dereferences it;
@@ -228,7 +231,50 @@ pub(crate) struct Packet {
     pub(crate) state: PacketState,
     pub(crate) txid: u64,
     pub(crate) flags: u32,
-    pub(crate) payload: Vec<u8>,
+    pub(crate) payload: Payload,
+}
+
+/// A packet's bytes: its own copy (sent by the driver), or a range of the restored chunk it came
+/// from (shared by the packets restored from that chunk instead of a copy each).
+pub(crate) enum Payload {
+    /// Bytes of this packet alone.
+    Owned(Vec<u8>),
+    /// `chunk[range]`.
+    Restored {
+        chunk: Arc<[u8]>,
+        range: core::ops::Range<usize>,
+    },
+}
+
+impl Payload {
+    /// No bytes.
+    pub(crate) const EMPTY: Payload = Payload::Owned(Vec::new());
+
+    /// `payload`, shared from `chunk` if it lies within it, else copied.
+    pub(crate) fn from_chunk(chunk: Option<&Arc<[u8]>>, payload: &[u8]) -> Payload {
+        if let Some(chunk) = chunk {
+            let base = chunk.as_ptr().addr();
+            let start = payload.as_ptr().addr().wrapping_sub(base);
+            if start <= chunk.len() && payload.len() <= chunk.len() - start {
+                return Payload::Restored {
+                    chunk: Arc::clone(chunk),
+                    range: start..start + payload.len(),
+                };
+            }
+        }
+        Payload::Owned(payload.to_vec())
+    }
+}
+
+impl core::ops::Deref for Payload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::Owned(bytes) => bytes,
+            Payload::Restored { chunk, range } => chunk.get(range.clone()).unwrap_or(&[]),
+        }
+    }
 }
 
 /// An incoming packet (a `VMBPACKETCOMPLETION`).
@@ -287,6 +333,49 @@ pub(crate) struct SaveOutput {
     pub(crate) required: u32,
 }
 
+/// [`State::tick`] on the two fields it uses, so a caller can tick while it holds a borrow of
+/// another field (the object the call names).
+fn tick_in(
+    counts: &mut [u64; KmclCall::COUNT],
+    faults: &super::config::FaultPlan,
+    call: KmclCall,
+) -> Option<NtStatus> {
+    let slot = counts.get_mut(call.index())?;
+    *slot = slot.saturating_add(1);
+    let count = *slot;
+    faults.find(call, count)
+}
+
+/// [`State::violation`] on the violation list alone (see [`tick_in`]).
+fn violation_in(
+    violations: &mut Vec<Violation>,
+    kind: ViolationKind,
+    call: KmclCall,
+    detail: impl Into<String>,
+) {
+    violations.push(Violation {
+        kind,
+        call: Some(call),
+        detail: detail.into(),
+    });
+}
+
+/// [`State::require_passive`] on the violation list alone (see [`tick_in`]).
+fn require_passive_in(violations: &mut Vec<Violation>, call: KmclCall) -> bool {
+    let level = irql::current_irql();
+    if level == Irql::Passive {
+        true
+    } else {
+        violation_in(
+            violations,
+            ViolationKind::WrongIrql,
+            call,
+            format!("called at {level:?}; requires PASSIVE_LEVEL"),
+        );
+        false
+    }
+}
+
 impl State {
     /// Records a violation.
     pub(crate) fn violation(
@@ -304,10 +393,7 @@ impl State {
 
     /// Counts a call that named a valid object and returns the injected fault for it, if any.
     pub(crate) fn tick(&mut self, call: KmclCall) -> Option<NtStatus> {
-        let slot = self.counts.get_mut(call.index())?;
-        *slot = slot.saturating_add(1);
-        let count = *slot;
-        self.faults.find(call, count)
+        tick_in(&mut self.counts, &self.faults, call)
     }
 
     /// Calls of `call` counted so far.
@@ -399,17 +485,7 @@ impl State {
 
     /// Records a violation if the caller is above PASSIVE_LEVEL; returns whether it is at PASSIVE.
     pub(crate) fn require_passive(&mut self, call: KmclCall) -> bool {
-        let level = irql::current_irql();
-        if level == Irql::Passive {
-            true
-        } else {
-            self.violation(
-                ViolationKind::WrongIrql,
-                Some(call),
-                format!("called at {level:?}; requires PASSIVE_LEVEL"),
-            );
-            false
-        }
+        require_passive_in(&mut self.violations, call)
     }
 
     /// Whether a blocking call may wait here (PASSIVE, not in a state-change callback, not on a
@@ -501,7 +577,7 @@ impl State {
             let wait = p.flags & VMBUS_CHANNEL_FORMAT_FLAG_WAIT_FOR_COMPLETION != 0;
             mem.ring.push_back(RingEntry {
                 txid: wait.then_some(p.txid),
-                bytes: p.payload.clone(),
+                bytes: p.payload.to_vec(),
             });
             p.state = PacketState::Sent;
             if wait {
@@ -760,3 +836,30 @@ mod lifecycle;
 mod packets;
 mod restore;
 mod save;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A payload inside the restored chunk is shared (same bytes, no copy); one anywhere else
+    /// (the driver passed its own copy of `LibBuf`) is copied; either way it reads the same.
+    #[test]
+    fn a_payload_is_shared_only_from_inside_the_chunk() {
+        let chunk: Arc<[u8]> = Arc::from(&[1u8, 2, 3, 4, 5, 6][..]);
+        let inside = chunk.get(2..5).unwrap_or(&[]);
+        let shared = Payload::from_chunk(Some(&chunk), inside);
+        assert!(matches!(&shared, Payload::Restored { range, .. } if *range == (2..5)));
+        assert_eq!(&*shared, &[3, 4, 5]);
+        let at_end = chunk.get(6..).unwrap_or(&[1]);
+        assert_eq!(&*Payload::from_chunk(Some(&chunk), at_end), &[] as &[u8]);
+        let copy = std::vec![3u8, 4, 5];
+        let owned = Payload::from_chunk(Some(&chunk), &copy);
+        assert!(matches!(owned, Payload::Owned(_)));
+        assert_eq!(&*owned, &[3, 4, 5]);
+        let straddling: Vec<u8> = std::vec![0u8; 64];
+        assert!(matches!(
+            Payload::from_chunk(None, &straddling),
+            Payload::Owned(_)
+        ));
+    }
+}

@@ -87,18 +87,17 @@ impl Shared {
     /// `VmbPacketAllocate`: 0 (NULL) on pool exhaustion or injected fault.
     pub(crate) fn packet_allocate(&self, ch: u32) -> usize {
         let call = KmclCall::PacketAllocate;
-        let mut st = self.lock();
-        if !st.live_channel(call, ch) {
-            return 0;
-        }
-        if st.tick(call).is_some() {
-            return 0;
-        }
-        let pool = self.config.packet_pool_size;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        // One channel lookup: the live check, then the call is counted, then the pool.
         let Some(c) = st.channels.get_mut(&ch) else {
+            st.dead_handle(call, Kind::Channel, ch);
             return 0;
         };
-        if c.allocated >= pool {
+        if tick_in(&mut st.counts, &st.faults, call).is_some() {
+            return 0;
+        }
+        if c.allocated >= self.config.packet_pool_size {
             return 0;
         }
         c.allocated += 1;
@@ -112,7 +111,7 @@ impl Shared {
                 state: PacketState::Idle,
                 txid: 0,
                 flags: 0,
-                payload: Vec::new(),
+                payload: Payload::EMPTY,
             },
         );
         self.handle(seq, Kind::Packet)
@@ -153,40 +152,44 @@ impl Shared {
         call: KmclCall,
         f: impl FnOnce(&mut Packet) -> R,
     ) -> Option<R> {
-        let mut st = self.lock();
-        if !st.live_packet(call, seq) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        // One lookup: the live check, then the call is counted, then `f` runs on the packet.
+        let Some(p) = st.packets.get_mut(&seq) else {
+            st.dead_handle(call, Kind::Packet, seq);
             return None;
-        }
-        let _ = st.tick(call);
-        st.packets.get_mut(&seq).map(f)
+        };
+        let _ = tick_in(&mut st.counts, &st.faults, call);
+        Some(f(p))
     }
 
     /// `VmbPacketSetCompletionRoutine`.
     pub(crate) fn packet_set_routine(&self, seq: u32, routine: PFN_VMB_PACKET_COMPLETION_ROUTINE) {
         let call = KmclCall::PacketSetCompletionRoutine;
-        let mut st = self.lock();
-        if !st.live_packet(call, seq) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        // One lookup: the live check, then the call is counted, then the packet is updated.
+        let Some(p) = st.packets.get_mut(&seq) else {
+            st.dead_handle(call, Kind::Packet, seq);
             return;
-        }
-        let _ = st.tick(call);
+        };
+        let _ = tick_in(&mut st.counts, &st.faults, call);
         let keep =
             self.config.restored_packet_context == RestoredPacketContext::KeepSetBeforeRestore;
         // A packet restored into a channel that has not run since cannot complete yet, so its
         // routine may be set again (the driver re-binds restored packets under every reading);
         // on a channel that may be running, a change races the completion.
-        let quiet = st.packets.get(&seq).is_some_and(|p| {
+        let quiet = || {
             st.channels.get(&p.channel).is_some_and(|c| {
                 c.lifecycle == Lifecycle::Disabled
                     || (self.config.restore_timing == RestoreTiming::AfterEnable && !c.running)
             })
-        });
-        let Some(p) = st.packets.get_mut(&seq) else {
-            return;
         };
-        if p.state != PacketState::Idle && keep && !quiet {
-            st.violation(
+        if p.state != PacketState::Idle && keep && !quiet() {
+            violation_in(
+                &mut st.violations,
                 ViolationKind::PacketModifiedInFlight,
-                Some(call),
+                call,
                 "completion routine changed while the library owns the packet (set it before \
                  VmbPacketSend / VmbPacketRestore; docs/kmcl-bindings.md §R4 and its undocumented points)",
             );
@@ -318,7 +321,7 @@ impl Shared {
         if let Some(p) = st.packets.get_mut(&seq) {
             p.txid = txid;
             p.flags = flags;
-            p.payload = bytes;
+            p.payload = Payload::Owned(bytes);
             p.state = PacketState::Queued;
         }
         st.txid_live(ch, txid);

@@ -7,7 +7,8 @@ impl Shared {
     // ---- restore ---------------------------------------------------------------------------------
 
     /// `VmbChannelRestoreFromBuffer` with a copy of the driver's buffer.
-    pub(crate) fn restore_from_buffer(&self, seq: u32, bytes: &[u8]) -> NtStatus {
+    pub(crate) fn restore_from_buffer(&self, seq: u32, chunk_copy: &Arc<[u8]>) -> NtStatus {
+        let bytes: &[u8] = chunk_copy;
         let call = KmclCall::ChannelRestoreFromBuffer;
         let mut st = self.lock();
         if !st.live_channel(call, seq) {
@@ -113,6 +114,13 @@ impl Shared {
         }
         session.get_or_insert(chunk.session);
         c.restore = RestorePhase::Busy;
+        // Room up front for what the chunk's packets will add (the driver allocates and restores
+        // one packet object per unit, each carrying a live transaction id), so the maps do not
+        // grow one rehash at a time during the callbacks.
+        let units = libs.iter().flatten().count();
+        c.live_txids.reserve(units);
+        c.restore_chunk = Some(Arc::clone(chunk_copy));
+        st.packets.reserve(units);
         let padded = self.config.restore_save_buf_size == RestoreSaveBufSize::PaddedWithZeros;
         let ch_handle = self.handle(seq, Kind::Channel);
         drop(st);
@@ -172,6 +180,7 @@ impl Shared {
                     }
                     if let Some(c) = st.channels.get_mut(&seq) {
                         c.restore = RestorePhase::Failed;
+                        c.restore_chunk = None;
                     }
                     return status;
                 }
@@ -181,6 +190,7 @@ impl Shared {
         let Some(c) = st.channels.get_mut(&seq) else {
             return NtStatus::INVALID_DEVICE_STATE;
         };
+        c.restore_chunk = None;
         if chunk.last {
             c.restore = RestorePhase::Done;
             drop(st);
@@ -196,23 +206,25 @@ impl Shared {
         }
     }
 
-    /// `VmbPacketRestore` (the FFI layer copied `LibBuf`).
+    /// `VmbPacketRestore` (`lib_bytes`: the driver's `LibBuf`, read in place by the FFI layer).
     pub(crate) fn packet_restore(&self, seq: u32, lib_bytes: &[u8]) -> NtStatus {
         let call = KmclCall::PacketRestore;
-        let mut st = self.lock();
-        if !st.live_packet(call, seq) {
-            return NtStatus::INVALID_PARAMETER_1;
-        }
-        if !st.require_passive(call) {
-            return NtStatus::INVALID_DEVICE_STATE;
-        }
-        if let Some(status) = st.tick(call) {
-            return status;
-        }
-        let Some(p) = st.packets.get(&seq) else {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        // One packet lookup for the whole call: the live check, then the IRQL check, then the
+        // call is counted, then the checks and the update below (same order as ever).
+        let Some(p) = st.packets.get_mut(&seq) else {
+            st.dead_handle(call, Kind::Packet, seq);
             return NtStatus::INVALID_PARAMETER_1;
         };
+        if !require_passive_in(&mut st.violations, call) {
+            return NtStatus::INVALID_DEVICE_STATE;
+        }
+        if let Some(status) = tick_in(&mut st.counts, &st.faults, call) {
+            return status;
+        }
         let ch = p.channel;
+        let violations = &mut st.violations;
         let frame = irql::top_frame().filter(|f| f.instance == self.id);
         let Some(FrameKind::RestorePacket {
             channel,
@@ -220,33 +232,37 @@ impl Shared {
             restored,
         }) = frame.map(|f| f.kind)
         else {
-            st.violation(
+            violation_in(
+                violations,
                 ViolationKind::PacketRestoreMisuse,
-                Some(call),
+                call,
                 "VmbPacketRestore outside the restore callback",
             );
             return NtStatus::INVALID_DEVICE_STATE;
         };
         if channel != ch {
-            st.violation(
+            violation_in(
+                violations,
                 ViolationKind::PacketRestoreMisuse,
-                Some(call),
+                call,
                 "packet was allocated on another channel than the one being restored",
             );
             return NtStatus::INVALID_PARAMETER_1;
         }
         if restored.is_some() {
-            st.violation(
+            violation_in(
+                violations,
                 ViolationKind::PacketRestoreMisuse,
-                Some(call),
+                call,
                 "VmbPacketRestore called twice for one saved packet",
             );
             return NtStatus::INVALID_DEVICE_STATE;
         }
         if p.state != PacketState::Idle {
-            st.violation(
+            violation_in(
+                violations,
                 ViolationKind::PacketInFlight,
-                Some(call),
+                call,
                 "restoring into a packet that is in flight",
             );
             return NtStatus::INVALID_DEVICE_STATE;
@@ -254,9 +270,10 @@ impl Shared {
         let lib = match container::decode_lib_view(lib_bytes) {
             Ok(lib) if lib.txid == txid => lib,
             _ => {
-                st.violation(
+                violation_in(
+                    violations,
                     ViolationKind::PacketRestoreMisuse,
-                    Some(call),
+                    call,
                     "LibBuf is not the one this restore callback was given",
                 );
                 return NtStatus::INVALID_PARAMETER;
@@ -267,13 +284,11 @@ impl Shared {
             self.config.restored_packet_context != RestoredPacketContext::KeepSetBeforeRestore;
         let reset_pointer =
             self.config.restored_packet_context == RestoredPacketContext::ResetOnRestore;
-        let force_new = st.channels.get(&ch).is_some_and(|c| {
+        let mut c = st.channels.get_mut(&ch);
+        let force_new = c.as_ref().is_some_and(|c| {
             c.server_flags & VMBUS_SERVER_CHANNEL_INIT_FLAG_FORCE_NEW_CHANNEL != 0
         });
         let wait = lib.flags & VMBUS_CHANNEL_FORMAT_FLAG_WAIT_FOR_COMPLETION != 0;
-        let Some(p) = st.packets.get_mut(&seq) else {
-            return NtStatus::INVALID_PARAMETER_1;
-        };
         if reset_routine {
             p.routine = None;
         }
@@ -282,7 +297,12 @@ impl Shared {
         }
         p.txid = lib.txid;
         p.flags = lib.flags;
-        p.payload = lib.payload.to_vec();
+        // The payload is shared with the chunk being restored when `LibBuf` lies in it (the
+        // buffer the restore callback was given), copied otherwise.
+        p.payload = Payload::from_chunk(
+            c.as_ref().and_then(|c| c.restore_chunk.as_ref()),
+            lib.payload,
+        );
         let requeue = force_new || !wait;
         let new_state = match lib.location {
             Location::Idle => PacketState::Idle,
@@ -291,10 +311,11 @@ impl Shared {
             Location::Ring | Location::Delivered => PacketState::Sent,
         };
         p.state = new_state;
-        if new_state != PacketState::Idle {
-            st.txid_live(ch, lib.txid);
-        }
-        if let Some(c) = st.channels.get_mut(&ch) {
+        if let Some(c) = c.as_mut() {
+            if new_state != PacketState::Idle {
+                // `State::txid_live`, on the channel already looked up.
+                *c.live_txids.entry(lib.txid).or_insert(0) += 1;
+            }
             match new_state {
                 PacketState::Queued => c.host_queue.push_back(seq),
                 PacketState::Sent => {

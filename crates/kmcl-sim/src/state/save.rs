@@ -62,10 +62,10 @@ impl Shared {
                 PacketState::Idle => {}
             }
         }
-        in_flight.sort_unstable();
+        // In-flight packets in (transaction id, sequence number) order.
+        let mut queue: VecDeque<u32> = in_flight_order(in_flight);
         // Unsent packets in allocation order (the packet map is not ordered).
         idle.sort_unstable();
-        let mut queue: VecDeque<u32> = in_flight.into_iter().map(|(_, p)| p).collect();
         queue.extend(idle);
         let session = (u64::from(self.id) << 40) | NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
         if let Some(c) = st.channels.get_mut(&seq) {
@@ -159,8 +159,19 @@ impl Shared {
             return fail(NtStatus::INVALID_DEVICE_STATE);
         }
         let mut last = false;
+        // The chunk is assembled in `body`: room for its header first (filled in at the end),
+        // then the units. Room for all the chunk can hold is allocated once, but never more
+        // than `MAX_CHUNK_RESERVE` of units up front: `size` is the driver's buffer size, which
+        // may be far larger than what is left to save.
         if let Some(ctx) = st.channels.get_mut(&seq).and_then(|c| c.save.as_mut()) {
             ctx.body.clear();
+            ctx.body.reserve(
+                container::CHUNK_HEADER_LEN
+                    + size
+                        .saturating_sub(container::CHUNK_HEADER_LEN)
+                        .min(MAX_CHUNK_RESERVE),
+            );
+            ctx.body.resize(container::CHUNK_HEADER_LEN, 0);
         }
         loop {
             // Make sure the next unit is encoded.
@@ -188,8 +199,9 @@ impl Shared {
             let Some(is_end) = ctx.pending else {
                 break;
             };
-            if container::CHUNK_HEADER_LEN + ctx.body.len() + ctx.unit.len() > size {
-                if ctx.body.is_empty() {
+            let no_units = ctx.body.len() == container::CHUNK_HEADER_LEN;
+            if ctx.body.len() + ctx.unit.len() > size {
+                if no_units {
                     let required = container::CHUNK_HEADER_LEN + ctx.unit.len();
                     ctx.busy = false;
                     return SaveOutput {
@@ -199,15 +211,6 @@ impl Shared {
                     };
                 }
                 break;
-            }
-            if ctx.body.is_empty() {
-                // The first unit of a chunk: room for all the chunk can hold, allocated once,
-                // but never more than `MAX_CHUNK_RESERVE` up front: `size` is the driver's
-                // buffer size, which may be far larger than what is left to save.
-                ctx.body.reserve(
-                    size.saturating_sub(container::CHUNK_HEADER_LEN)
-                        .min(MAX_CHUNK_RESERVE),
-                );
             }
             ctx.body.extend_from_slice(&ctx.unit);
             ctx.pending = None;
@@ -219,10 +222,15 @@ impl Shared {
         let Some(ctx) = st.channels.get_mut(&seq).and_then(|c| c.save.as_mut()) else {
             return fail(NtStatus::INVALID_DEVICE_STATE);
         };
-        let header = container::chunk_header(ctx.chunk_index, ctx.session, last, &ctx.body);
-        let mut chunk = Vec::with_capacity(container::CHUNK_HEADER_LEN + ctx.body.len());
-        chunk.extend_from_slice(&header);
-        chunk.extend_from_slice(&ctx.body);
+        let (head, units) = ctx.body.split_at_mut(container::CHUNK_HEADER_LEN);
+        head.copy_from_slice(&container::chunk_header(
+            ctx.chunk_index,
+            ctx.session,
+            last,
+            units,
+        ));
+        // The assembled chunk is handed out as it is (the next chunk starts a new buffer).
+        let chunk = core::mem::take(&mut ctx.body);
         ctx.chunk_index = ctx.chunk_index.saturating_add(1);
         ctx.busy = false;
         if last {
@@ -412,5 +420,104 @@ impl Shared {
         // the probe asked for; the 0xCC pre-fill makes a callback that leaves part of those
         // unwritten visible to the driver's own decoder at restore time.
         Ok((needed as usize, alloc))
+    }
+}
+
+/// The sequence numbers of `packets` (transaction id, sequence number) in the order
+/// `sort_unstable` puts the pairs in. While every transaction id fits 32 bits (it counts up from 1
+/// through the process), each pair is packed into one `u64` that sorts the same way and sorted by
+/// [`sort_keys`]; otherwise the pairs are sorted as they are.
+fn in_flight_order(mut packets: Vec<(u64, u32)>) -> VecDeque<u32> {
+    if packets.iter().all(|&(txid, _)| txid <= u64::from(u32::MAX)) {
+        let mut keys: Vec<u64> = packets
+            .iter()
+            .map(|&(txid, pseq)| (txid << 32) | u64::from(pseq))
+            .collect();
+        sort_keys(&mut keys);
+        keys.into_iter().map(|key| key as u32).collect()
+    } else {
+        packets.sort_unstable();
+        packets.into_iter().map(|(_, pseq)| pseq).collect()
+    }
+}
+
+/// Sorts `keys` ascending (the same result as `sort_unstable`: equal keys are indistinguishable)
+/// by a least-significant-byte-first radix sort that skips every byte position where all keys
+/// agree. A channel's in-flight keys differ in a few low bytes of the transaction id and of the
+/// sequence number, so this is a handful of linear passes instead of a comparison sort.
+fn sort_keys(keys: &mut Vec<u64>) {
+    if keys.len() < 64 {
+        keys.sort_unstable();
+        return;
+    }
+    // One pass counts every byte position's digits.
+    let mut counts = [[0usize; 256]; 8];
+    for &key in keys.iter() {
+        for (byte, count) in key.to_le_bytes().into_iter().zip(counts.iter_mut()) {
+            count[usize::from(byte)] += 1;
+        }
+    }
+    let mut scratch = std::vec![0u64; keys.len()];
+    for (position, count) in counts.iter().enumerate() {
+        if count.contains(&keys.len()) {
+            continue; // every key has the same byte here
+        }
+        let mut offsets = [0usize; 256];
+        let mut total = 0;
+        for (offset, &n) in offsets.iter_mut().zip(count.iter()) {
+            *offset = total;
+            total += n;
+        }
+        let shift = position * 8;
+        for &key in keys.iter() {
+            let digit = usize::from((key >> shift) as u8);
+            if let Some(slot) = scratch.get_mut(offsets[digit]) {
+                *slot = key;
+            }
+            offsets[digit] += 1;
+        }
+        core::mem::swap(keys, &mut scratch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{VecDeque, in_flight_order, sort_keys};
+    use std::vec::Vec;
+
+    /// The radix sort agrees with `sort_unstable` on short and long inputs, duplicates, keys that
+    /// differ only in high bytes, and the channel-shaped keys it is used for; and the in-flight
+    /// order is the pairs' order, with or without transaction ids beyond 32 bits.
+    #[test]
+    fn sort_keys_matches_sort_unstable() {
+        let mut state = 0x1234_5678_9ABC_DEF0_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for len in [0usize, 1, 2, 63, 64, 65, 500, 2100] {
+            for shape in 0..5 {
+                let pairs: Vec<(u64, u32)> = (0..len)
+                    .map(|i| match shape {
+                        0 => (next(), next() as u32),
+                        1 => (1000 + next() % 3000, (i % 4000) as u32),
+                        2 => ((next() % 4) << 28, 7),
+                        3 => (next() % 3, (next() % 3) as u32),
+                        _ => (next() & 0xFFFF_FFFF, next() as u32),
+                    })
+                    .collect();
+                let mut expected = pairs.clone();
+                expected.sort_unstable();
+                let expected: VecDeque<u32> = expected.into_iter().map(|(_, p)| p).collect();
+                assert_eq!(in_flight_order(pairs.clone()), expected, "length {len}");
+                let mut keys: Vec<u64> = pairs.iter().map(|&(t, p)| t ^ u64::from(p)).collect();
+                let mut sorted = keys.clone();
+                sorted.sort_unstable();
+                sort_keys(&mut keys);
+                assert_eq!(keys, sorted, "length {len}");
+            }
+        }
     }
 }

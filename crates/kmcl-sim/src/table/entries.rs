@@ -97,8 +97,8 @@ client {
     VmbChannelGetPointer => ChannelGetPointer: fn vmb_channel_get_pointer(ch: VMBCHANNEL) -> PVOID,
         neutral core::ptr::null_mut(),
         |call| {
-            channel(call, ch)
-                .and_then(|(shared, seq)| shared.with_channel(seq, call, |c| c.pointer.0))
+            on_channel(call, ch, |shared, seq| shared.with_channel(seq, call, |c| c.pointer.0))
+                .flatten()
                 .unwrap_or(core::ptr::null_mut())
         };
 
@@ -330,9 +330,9 @@ client {
     VmbChannelSetPointer => ChannelSetPointer: fn vmb_channel_set_pointer(ch: VMBCHANNEL, pointer: PVOID),
         neutral (),
         |call| {
-            if let Some((shared, seq)) = channel(call, ch) {
+            on_channel(call, ch, |shared, seq| {
                 shared.with_channel(seq, call, |c| c.pointer = DriverPtr(pointer));
-            }
+            });
         };
 
     VmbChannelSetTransactionQuota => ChannelSetTransactionQuota: fn vmb_channel_set_transaction_quota(ch: VMBCHANNEL, quota: u32),
@@ -366,17 +366,14 @@ client {
     VmbPacketAllocate => PacketAllocate: fn vmb_packet_allocate(ch: VMBCHANNEL) -> VMBPACKET,
         neutral core::ptr::null_mut(),
         |call| {
-            channel(call, ch)
-                .map(|(shared, seq)| handle::to_ptr(shared.packet_allocate(seq)))
+            on_channel(call, ch, |shared, seq| handle::to_ptr(shared.packet_allocate(seq)))
                 .unwrap_or(core::ptr::null_mut())
         };
 
     VmbPacketFree => PacketFree: fn vmb_packet_free(p: VMBPACKET),
         neutral (),
         |call| {
-            if let Some((shared, seq)) = packet(call, p) {
-                shared.packet_free(seq);
-            }
+            on_packet(call, p, |shared, seq| shared.packet_free(seq));
         };
 
     VmbPacketGetChannel => PacketGetChannel: fn vmb_packet_get_channel(p: VMBPACKET) -> VMBCHANNEL,
@@ -393,8 +390,8 @@ client {
     VmbPacketGetPointer => PacketGetPointer: fn vmb_packet_get_pointer(p: VMBPACKET) -> PVOID,
         neutral core::ptr::null_mut(),
         |call| {
-            packet(call, p)
-                .and_then(|(shared, seq)| shared.with_packet(seq, call, |p| p.pointer.0))
+            on_packet(call, p, |shared, seq| shared.with_packet(seq, call, |p| p.pointer.0))
+                .flatten()
                 .unwrap_or(core::ptr::null_mut())
         };
 
@@ -405,17 +402,17 @@ client {
     VmbPacketSend => PacketSend: fn vmb_packet_send(p: VMBPACKET, buffer: PVOID, length: u32, mdl: PMDL, flags: u32) -> NtStatus,
         neutral NtStatus::INVALID_PARAMETER,
         |call| {
-            let Some((shared, seq)) = packet(call, p) else {
-                return NtStatus::INVALID_PARAMETER_1;
-            };
-            if !mdl.is_null() {
-                unmodelled(&shared, call, "external data MDLs");
-                return NtStatus::NOT_SUPPORTED;
-            }
-            match copy_in(&shared, call, buffer, length) {
-                Some(bytes) => shared.packet_send(seq, bytes, flags),
-                None => NtStatus::INVALID_PARAMETER_2,
-            }
+            on_packet(call, p, |shared, seq| {
+                if !mdl.is_null() {
+                    unmodelled(shared, call, "external data MDLs");
+                    return NtStatus::NOT_SUPPORTED;
+                }
+                match copy_in(shared, call, buffer, length) {
+                    Some(bytes) => shared.packet_send(seq, bytes, flags),
+                    None => NtStatus::INVALID_PARAMETER_2,
+                }
+            })
+            .unwrap_or(NtStatus::INVALID_PARAMETER_1)
         };
 
     VmbPacketSendWithExternalMdl => PacketSendWithExternalMdl: fn vmb_packet_send_with_external_mdl(p: VMBPACKET, _buffer: PVOID, _length: u32, _mdl: PMDL, _offset: u32, _mdl_length: u32, _flags: u32) -> NtStatus,
@@ -429,17 +426,15 @@ client {
     VmbPacketSetCompletionRoutine => PacketSetCompletionRoutine: fn vmb_packet_set_completion_routine(p: VMBPACKET, routine: PFN_VMB_PACKET_COMPLETION_ROUTINE),
         neutral (),
         |call| {
-            if let Some((shared, seq)) = packet(call, p) {
-                shared.packet_set_routine(seq, routine);
-            }
+            on_packet(call, p, |shared, seq| shared.packet_set_routine(seq, routine));
         };
 
     VmbPacketSetPointer => PacketSetPointer: fn vmb_packet_set_pointer(p: VMBPACKET, pointer: PVOID),
         neutral (),
         |call| {
-            if let Some((shared, seq)) = packet(call, p) {
+            on_packet(call, p, |shared, seq| {
                 shared.with_packet(seq, call, |p| p.pointer = DriverPtr(pointer));
-            }
+            });
         };
 }
 server {
@@ -452,9 +447,16 @@ server {
 
     VmbChannelRestoreFromBuffer => ChannelRestoreFromBuffer: fn vmb_channel_restore_from_buffer(ch: VMBCHANNEL, buffer: PVOID, size: u32) -> NtStatus,
         neutral NtStatus::INVALID_PARAMETER,
-        |call| with_bytes(channel(call, ch), call, buffer, size, |shared, seq, bytes| {
-            shared.restore_from_buffer(seq, bytes)
-        });
+        |call| {
+            let Some((shared, seq)) = channel(call, ch) else {
+                return NtStatus::INVALID_PARAMETER_1;
+            };
+            // Copied in before any driver callback runs, into the buffer restored packets share.
+            match copy_in_as(&shared, call, buffer, size, shared_copy) {
+                Some(chunk) => shared.restore_from_buffer(seq, &chunk),
+                None => NtStatus::INVALID_PARAMETER_2,
+            }
+        };
 
     VmbChannelSaveBegin => ChannelSaveBegin: fn vmb_channel_save_begin(ch: VMBCHANNEL) -> NtStatus,
         neutral NtStatus::INVALID_PARAMETER_1,
@@ -525,9 +527,14 @@ server {
 
     VmbPacketRestore => PacketRestore: fn vmb_packet_restore(p: VMBPACKET, buffer: PVOID, size: u32) -> NtStatus,
         neutral NtStatus::INVALID_PARAMETER,
-        |call| with_bytes(packet(call, p), call, buffer, size, |shared, seq, bytes| {
-            shared.packet_restore(seq, bytes)
-        });
+        |call| {
+            on_packet(call, p, |shared, seq| {
+                with_bytes_in_place(shared, call, buffer, size, |bytes| {
+                    shared.packet_restore(seq, bytes)
+                })
+            })
+            .unwrap_or(NtStatus::INVALID_PARAMETER_1)
+        };
 
     VmbServerChannelInitSetFlags => ServerChannelInitSetFlags: fn vmb_server_channel_init_set_flags(ch: VMBCHANNEL, flags: u32) -> NtStatus,
         neutral NtStatus::INVALID_PARAMETER_1,

@@ -87,6 +87,41 @@ fn resolve(call: KmclCall, address: usize, kind: Kind) -> Option<(Arc<Shared>, u
     Some((shared, token.seq))
 }
 
+/// [`resolve`], then `body` on the instance and sequence number, without reference counting the
+/// instance (it is lent from this thread's cache, `handle::with_instance`). `None` after the same
+/// violation `resolve` records for NULL, garbage, a dead instance or the wrong kind.
+fn on_handle<R>(
+    call: KmclCall,
+    address: usize,
+    kind: Kind,
+    body: impl FnOnce(&Shared, u32) -> R,
+) -> Option<R> {
+    if let Some(token) = handle::decode(address).filter(|t| t.kind == kind) {
+        match handle::with_instance(token.instance, |shared| body(shared, token.seq)) {
+            Ok(result) => Some(result),
+            // No live instance: `resolve` records why (or finds one registered since).
+            Err(body) => resolve(call, address, kind).map(|(shared, _)| body(&shared)),
+        }
+    } else {
+        // Garbage, or the wrong kind: `resolve` runs the checks in its order and records why.
+        resolve(call, address, kind).map(|(shared, seq)| body(&shared, seq))
+    }
+}
+
+/// [`on_handle`] for a channel handle.
+fn on_channel<R>(
+    call: KmclCall,
+    ch: VMBCHANNEL,
+    body: impl FnOnce(&Shared, u32) -> R,
+) -> Option<R> {
+    on_handle(call, handle::addr(ch), Kind::Channel, body)
+}
+
+/// [`on_handle`] for a packet handle.
+fn on_packet<R>(call: KmclCall, p: VMBPACKET, body: impl FnOnce(&Shared, u32) -> R) -> Option<R> {
+    on_handle(call, handle::addr(p), Kind::Packet, body)
+}
+
 fn channel(call: KmclCall, ch: VMBCHANNEL) -> Option<(Arc<Shared>, u32)> {
     resolve(call, handle::addr(ch), Kind::Channel)
 }
@@ -108,8 +143,20 @@ fn bad_argument(shared: &Shared, call: KmclCall, detail: &str) {
 /// Copies `len` bytes in from a driver buffer (`_In_reads_bytes_(len)`); `None` (and a violation)
 /// for NULL with a nonzero length.
 fn copy_in(shared: &Shared, call: KmclCall, ptr: *const c_void, len: u32) -> Option<Vec<u8>> {
+    copy_in_as(shared, call, ptr, len, <[u8]>::to_vec)
+}
+
+/// [`copy_in`] into the owned form `copy` makes of the bytes (a `Vec`, an `Arc<[u8]>`): `copy`
+/// cannot keep a borrow of the driver's buffer (its result does not depend on the borrow).
+fn copy_in_as<T>(
+    shared: &Shared,
+    call: KmclCall,
+    ptr: *const c_void,
+    len: u32,
+    copy: impl for<'a> FnOnce(&'a [u8]) -> T,
+) -> Option<T> {
     if len == 0 {
-        return Some(Vec::new());
+        return Some(copy(&[]));
     }
     if ptr.is_null() {
         bad_argument(shared, call, "NULL buffer with a nonzero length");
@@ -117,9 +164,15 @@ fn copy_in(shared: &Shared, call: KmclCall, ptr: *const c_void, len: u32) -> Opt
     }
     // SAFETY: the KMCL contract (`_In_reads_bytes_(len)`) is that the caller passes `len` readable,
     // initialized bytes at `ptr` for the duration of the call; `ptr` was checked non-NULL and a
-    // byte slice has no alignment requirement. The bytes are copied before returning.
+    // byte slice has no alignment requirement. The bytes are copied (by `copy`, whose result
+    // cannot borrow them) before returning.
     let bytes = unsafe { core::slice::from_raw_parts(ptr.cast::<u8>(), len as usize) };
-    Some(bytes.to_vec())
+    Some(copy(bytes))
+}
+
+/// A reference-counted copy of `bytes` (for [`copy_in_as`]).
+fn shared_copy(bytes: &[u8]) -> Arc<[u8]> {
+    Arc::from(bytes)
 }
 
 /// Writes an out parameter if the pointer is not NULL; returns whether it wrote.
@@ -169,22 +222,30 @@ fn refuse<R>(found: Option<(Arc<Shared>, u32)>, call: KmclCall, why: Refusal, re
     result
 }
 
-/// Looks up the handle, copies `len` bytes in from `buffer`, and runs `op` on them:
-/// `STATUS_INVALID_PARAMETER_1` for a bad handle, `_2` for a bad buffer.
-fn with_bytes(
-    found: Option<(Arc<Shared>, u32)>,
+/// Runs `op` on `len` bytes of the driver's `buffer`, read in place (not copied): for a call that
+/// runs no driver code while `op` reads them, so the driver has no way to change them under the
+/// simulator without breaking `_In_` itself. `STATUS_INVALID_PARAMETER_2` (and a violation) for
+/// NULL with a nonzero length.
+fn with_bytes_in_place(
+    shared: &Shared,
     call: KmclCall,
     buffer: *const c_void,
     len: u32,
-    op: impl FnOnce(&Shared, u32, &[u8]) -> NtStatus,
+    op: impl FnOnce(&[u8]) -> NtStatus,
 ) -> NtStatus {
-    let Some((shared, seq)) = found else {
-        return NtStatus::INVALID_PARAMETER_1;
-    };
-    match copy_in(&shared, call, buffer, len) {
-        Some(bytes) => op(&shared, seq, &bytes),
-        None => NtStatus::INVALID_PARAMETER_2,
+    if len == 0 {
+        return op(&[]);
     }
+    if buffer.is_null() {
+        bad_argument(shared, call, "NULL buffer with a nonzero length");
+        return NtStatus::INVALID_PARAMETER_2;
+    }
+    // SAFETY: the KMCL contract (`_In_reads_bytes_(len)`) is that the caller passes `len` readable,
+    // initialized bytes at `buffer` that stay unchanged for the duration of the call; `buffer` was
+    // checked non-NULL and a byte slice has no alignment requirement. The slice is only lent to
+    // `op` (it cannot outlive this call), and `op` runs no driver code.
+    let bytes = unsafe { core::slice::from_raw_parts(buffer.cast::<u8>(), len as usize) };
+    op(bytes)
 }
 
 /// The body of a channel initialization call (`…InitSet…`): runs `apply` on the channel's settings
