@@ -358,4 +358,82 @@ mod tests {
         unregister(a);
         unregister(b);
     }
+
+    // review2 (sim-speed): the strong cache against thread exit, an unregister from inside a lent
+    // call, and a thread that cached an instance another thread finished.
+
+    /// A thread that cached an instance and exits lets go of it (the instance is freed when its
+    /// owner drops it).
+    #[test]
+    fn review2_thread_exit_releases_the_cached_instance() {
+        let id = next_instance_id();
+        let shared = Arc::new(Shared::new(id, crate::SimConfig::default()));
+        register(id, &shared);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| assert!(with_instance(id, |_| ()).is_ok()))
+                .join()
+                .ok();
+        });
+        unregister(id);
+        let weak = Arc::downgrade(&shared);
+        drop(shared);
+        assert_eq!(weak.strong_count(), 0, "an exited thread's cache kept it");
+    }
+
+    /// `unregister` from inside a lent call (the cache is borrowed, `forget` cannot take it):
+    /// the instance is no longer answered, by this thread or by a nested lookup, and the next
+    /// lookup on the thread lets go of it.
+    #[test]
+    fn review2_unregister_inside_a_lent_call() {
+        let id = next_instance_id();
+        let shared = Arc::new(Shared::new(id, crate::SimConfig::default()));
+        register(id, &shared);
+        assert!(lookup(id).is_some());
+        let inner = with_instance(id, |_| {
+            unregister(id);
+            (with_instance(id, |_| ()).is_err(), lookup(id).is_none())
+        });
+        assert_eq!(inner.ok(), Some((true, true)));
+        assert!(with_instance(id, |_| ()).is_err());
+        assert!(lookup(id).is_none());
+        let weak = Arc::downgrade(&shared);
+        drop(shared);
+        assert_eq!(weak.strong_count(), 0, "kept after the next lookup");
+    }
+
+    /// Another thread cached an instance that this thread finished: it is kept alive there until
+    /// that thread looks anything up again (or exits), and is never answered meanwhile.
+    #[test]
+    fn review2_a_finished_instance_cached_elsewhere_is_kept_but_not_answered() {
+        let id = next_instance_id();
+        let shared = Arc::new(Shared::new(id, crate::SimConfig::default()));
+        register(id, &shared);
+        let weak = Arc::downgrade(&shared);
+        let (cached, finished, looked) = (
+            std::sync::Barrier::new(2),
+            std::sync::Barrier::new(2),
+            std::sync::Barrier::new(2),
+        );
+        let kept = std::thread::scope(|scope| {
+            let worker = scope.spawn(|| {
+                assert!(with_instance(id, |_| ()).is_ok());
+                cached.wait();
+                finished.wait();
+                // Kept alive by this thread's cache alone, until this lookup.
+                let alive_before = weak.strong_count();
+                let refused = with_instance(id, |_| ()).is_err();
+                let alive_after = weak.strong_count();
+                looked.wait();
+                (alive_before, refused, alive_after)
+            });
+            cached.wait();
+            unregister(id);
+            drop(shared);
+            finished.wait();
+            looked.wait();
+            worker.join().unwrap_or((9, false, 9))
+        });
+        assert_eq!(kept, (1, true, 0));
+    }
 }
