@@ -748,7 +748,9 @@ fn the_same_chunk_restored_twice_and_saved_again() {
 /// the counter then wraps to 0. Ignored: it moves the process-wide counter for the other tests of
 /// the binary; run it alone (`-- --ignored --test-threads=1`).
 #[test]
-#[ignore = "pre-existing on a18007d: the txid counter saturates at u64::MAX and wraps"]
+// Ignored in the suite because it moves the process-wide txid counter to its end, which would
+// reorder the ids of the other tests in this binary; .ci/run runs it alone, in its own process.
+#[ignore = "moves the process-wide txid counter; run alone (see .ci/run)"]
 fn a_restored_txid_of_u64_max_is_not_given_to_a_new_send() {
     let (g, mut chunks) = source(92);
     forge_txids(
@@ -782,6 +784,9 @@ fn a_restored_txid_of_u64_max_is_not_given_to_a_new_send() {
         !txids.contains(&Some(0)),
         "the txid counter wrapped to 0: {txids:?}"
     );
+    d.disable();
+    d.cleanup();
+    assert_eq!(kmcl.finish(), vec![]);
 }
 
 // ---- deterministic replay against a18007d ---------------------------------------------------------

@@ -44,8 +44,22 @@ pub(crate) const MDL_ONLY_FORMAT_FLAGS: u32 = kmcl_sys::VMBUS_CHANNEL_FORMAT_FLA
     | kmcl_sys::VMBUS_CHANNEL_FORMAT_FLAG_DATA_OUT_ONLY;
 
 /// Transaction ids are unique in the whole process (so a guest migrated between instances can
-/// never complete a new packet with an old id).
+/// never complete a new packet with an old id) — until a restored `LibBuf` carries an id near
+/// `u64::MAX` (only a forged one can: sends count up from 1), which moves the counter to its end;
+/// from there [`next_txid`] still never gives a channel an id one of its packets carries, nor 0.
 static NEXT_TXID: AtomicU64 = AtomicU64::new(1);
+
+/// The transaction id of a new send on a channel whose live ids are `live`: the next value of
+/// `counter` that is neither 0 nor live on the channel. At most `live.len() + 2` draws, since
+/// the counter yields consecutive values (wrapping at the end of the range).
+pub(crate) fn next_txid(counter: &AtomicU64, live: Option<&KeyMap<u64, u32>>) -> u64 {
+    loop {
+        let txid = counter.fetch_add(1, Ordering::Relaxed);
+        if txid != 0 && !live.is_some_and(|live| live.contains_key(&txid)) {
+            return txid;
+        }
+    }
+}
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 /// A [`Hasher`] for the simulator's own integer keys (object sequence numbers, transaction
@@ -194,7 +208,19 @@ pub(crate) struct Channel {
     pub(crate) restore: RestorePhase,
     /// The chunk `VmbChannelRestoreFromBuffer` is restoring from, while its restore callbacks
     /// run: a packet restored from one of its `LibBuf`s shares its payload bytes.
-    pub(crate) restore_chunk: Option<Arc<[u8]>>,
+    pub(crate) restore_chunk: Option<RestoreChunk>,
+}
+
+/// The chunk being restored, in two copies: `shared`, immutable, whose ranges restored packets
+/// keep as their payloads; and the copy the restore callbacks' `LibBuf`s point into
+/// (`driver_view` is its address), which a driver could write to despite `_In_`. Sharing only
+/// from the copy the driver never sees keeps a restored packet's bytes what they were when
+/// `VmbPacketRestore` read them, as a copy per packet would.
+pub(crate) struct RestoreChunk {
+    pub(crate) shared: Arc<[u8]>,
+    /// Address of the first byte of the driver's copy (same length as `shared`); only compared,
+    /// never dereferenced.
+    pub(crate) driver_view: usize,
 }
 
 /// A pointer the driver stored (channel or packet context). The simulator never dereferences it;
@@ -250,16 +276,20 @@ impl Payload {
     /// No bytes.
     pub(crate) const EMPTY: Payload = Payload::Owned(Vec::new());
 
-    /// `payload`, shared from `chunk` if it lies within it, else copied.
-    pub(crate) fn from_chunk(chunk: Option<&Arc<[u8]>>, payload: &[u8]) -> Payload {
+    /// `payload` as `VmbPacketRestore` read it: shared from `chunk.shared` if it lies within the
+    /// driver's view of the chunk and the view still holds the chunk's bytes there, else copied.
+    pub(crate) fn from_chunk(chunk: Option<&RestoreChunk>, payload: &[u8]) -> Payload {
         if let Some(chunk) = chunk {
-            let base = chunk.as_ptr().addr();
-            let start = payload.as_ptr().addr().wrapping_sub(base);
-            if start <= chunk.len() && payload.len() <= chunk.len() - start {
-                return Payload::Restored {
-                    chunk: Arc::clone(chunk),
-                    range: start..start + payload.len(),
-                };
+            let len = chunk.shared.len();
+            let start = payload.as_ptr().addr().wrapping_sub(chunk.driver_view);
+            if start <= len && payload.len() <= len - start {
+                let range = start..start + payload.len();
+                if chunk.shared.get(range.clone()) == Some(payload) {
+                    return Payload::Restored {
+                        chunk: Arc::clone(&chunk.shared),
+                        range,
+                    };
+                }
             }
         }
         Payload::Owned(payload.to_vec())
@@ -841,21 +871,59 @@ mod save;
 mod tests {
     use super::*;
 
-    /// A payload inside the restored chunk is shared (same bytes, no copy); one anywhere else
-    /// (the driver passed its own copy of `LibBuf`) is copied; either way it reads the same.
+    /// Regression (review of the third speed pass): after a restored id of `u64::MAX` the
+    /// counter had saturated there, so the next send got `u64::MAX` again — the id of a restored
+    /// packet still in flight on the channel — and the one after wrapped to 0.
     #[test]
-    fn a_payload_is_shared_only_from_inside_the_chunk() {
-        let chunk: Arc<[u8]> = Arc::from(&[1u8, 2, 3, 4, 5, 6][..]);
-        let inside = chunk.get(2..5).unwrap_or(&[]);
-        let shared = Payload::from_chunk(Some(&chunk), inside);
+    fn a_new_send_never_gets_an_id_live_on_its_channel_or_zero() {
+        let counter = AtomicU64::new(u64::MAX - 1);
+        let mut live: KeyMap<u64, u32> = KeyMap::default();
+        for txid in [u64::MAX - 1, u64::MAX, 1, 2] {
+            live.insert(txid, 1);
+        }
+        let ids: Vec<u64> = (0..3).map(|_| next_txid(&counter, Some(&live))).collect();
+        assert_eq!(ids, [3, 4, 5]);
+        let fresh = AtomicU64::new(7);
+        assert_eq!(next_txid(&fresh, None), 7);
+        assert_eq!(next_txid(&fresh, Some(&live)), 8);
+    }
+
+    /// A payload inside the driver's view of the restored chunk is shared from the immutable
+    /// copy (same bytes, no copy) while the view still holds those bytes; one anywhere else (the
+    /// driver passed its own copy of `LibBuf`), or one the driver changed in its view, is copied;
+    /// either way it reads what `VmbPacketRestore` was given.
+    #[test]
+    fn a_payload_is_shared_only_from_an_unchanged_view_of_the_chunk() {
+        let bytes = [1u8, 2, 3, 4, 5, 6];
+        let mut view = bytes.to_vec();
+        let chunk = RestoreChunk {
+            shared: Arc::from(&bytes[..]),
+            driver_view: view.as_ptr().addr(),
+        };
+        let shared = Payload::from_chunk(Some(&chunk), view.get(2..5).unwrap_or(&[]));
         assert!(matches!(&shared, Payload::Restored { range, .. } if *range == (2..5)));
         assert_eq!(&*shared, &[3, 4, 5]);
-        let at_end = chunk.get(6..).unwrap_or(&[1]);
+        // The immutable copy itself is not the driver's view: copied, not shared.
+        let from_shared = Payload::from_chunk(Some(&chunk), chunk.shared.get(2..5).unwrap_or(&[]));
+        assert!(matches!(from_shared, Payload::Owned(_)));
+        let at_end = view.get(6..).unwrap_or(&[1]);
         assert_eq!(&*Payload::from_chunk(Some(&chunk), at_end), &[] as &[u8]);
         let copy = std::vec![3u8, 4, 5];
         let owned = Payload::from_chunk(Some(&chunk), &copy);
         assert!(matches!(owned, Payload::Owned(_)));
         assert_eq!(&*owned, &[3, 4, 5]);
+        // The driver wrote into its view before VmbPacketRestore: those bytes are what it gave.
+        if let Some(byte) = view.get_mut(3) {
+            *byte = 0xEE;
+        }
+        let changed = Payload::from_chunk(Some(&chunk), view.get(2..5).unwrap_or(&[]));
+        assert!(matches!(changed, Payload::Owned(_)));
+        assert_eq!(&*changed, &[3, 0xEE, 5]);
+        // ...and a write after it does not reach a packet that shares.
+        if let Some(byte) = view.get_mut(2) {
+            *byte = 0xEE;
+        }
+        assert_eq!(&*shared, &[3, 4, 5]);
         let straddling: Vec<u8> = std::vec![0u8; 64];
         assert!(matches!(
             Payload::from_chunk(None, &straddling),

@@ -317,7 +317,7 @@ impl Shared {
             }
             return NtStatus::INVALID_DEVICE_STATE;
         }
-        let txid = NEXT_TXID.fetch_add(1, Ordering::Relaxed);
+        let txid = next_txid(&NEXT_TXID, st.channels.get(&ch).map(|c| &c.live_txids));
         if let Some(p) = st.packets.get_mut(&seq) {
             p.txid = txid;
             p.flags = flags;

@@ -119,7 +119,15 @@ impl Shared {
         // grow one rehash at a time during the callbacks.
         let units = libs.iter().flatten().count();
         c.live_txids.reserve(units);
-        c.restore_chunk = Some(Arc::clone(chunk_copy));
+        // The restore callbacks get their `LibBuf` and `SaveBuf` from a second copy of the chunk,
+        // so that a driver writing into them (they are `_In_`) cannot reach the bytes restored
+        // packets share (`RestoreChunk`).
+        let driver_view: Vec<u8> = bytes.to_vec();
+        let in_view = |part| in_view(part, bytes, &driver_view);
+        c.restore_chunk = Some(RestoreChunk {
+            shared: Arc::clone(chunk_copy),
+            driver_view: driver_view.as_ptr().addr(),
+        });
         st.packets.reserve(units);
         let padded = self.config.restore_save_buf_size == RestoreSaveBufSize::PaddedWithZeros;
         let ch_handle = self.handle(seq, Kind::Channel);
@@ -149,10 +157,16 @@ impl Shared {
                 owned = bytes;
                 &owned
             } else {
-                driver
+                in_view(driver)
             };
             let (status, restored) = crate::invoke::restore_packet(
-                self.id, restore_cb, ch_handle, seq, lib.txid, lib_bytes, save_buf,
+                self.id,
+                restore_cb,
+                ch_handle,
+                seq,
+                lib.txid,
+                in_view(lib_bytes),
+                save_buf,
             );
             packets = packets.saturating_add(1);
             match (status.is_success(), restored) {
@@ -384,4 +398,15 @@ fn validate_chunk<'a>(
         return Err(NtStatus::DATA_ERROR);
     }
     Ok(libs)
+}
+
+/// The bytes of `view` (a copy of `chunk`) where `part` lies in `chunk`; `part` itself if it does
+/// not lie there.
+fn in_view<'a>(part: &'a [u8], chunk: &[u8], view: &'a [u8]) -> &'a [u8] {
+    let start = part.as_ptr().addr().wrapping_sub(chunk.as_ptr().addr());
+    start
+        .checked_add(part.len())
+        .filter(|&end| end <= chunk.len())
+        .and_then(|end| view.get(start..end))
+        .unwrap_or(part)
 }
