@@ -930,4 +930,45 @@ mod tests {
             Payload::Owned(_)
         ));
     }
+
+    /// review3: a payload that straddles either end of the driver's view, one at a stale view
+    /// address now holding other bytes (the freed view's address reused by another buffer), one
+    /// there holding the same bytes, and an empty one at the very end: each reads exactly the
+    /// bytes the call was given, shared only when those equal the immutable copy's at that offset.
+    #[test]
+    fn a_payload_at_a_reused_or_straddling_address_reads_what_was_given() {
+        let bytes: std::vec::Vec<u8> = (0u8..32).collect();
+        // One buffer playing the part of memory around and at the (stale) view address.
+        let mut memory = std::vec![0xAAu8; 96];
+        let view_at = 32;
+        let chunk = RestoreChunk {
+            shared: Arc::from(&bytes[..]),
+            driver_view: memory.as_ptr().addr() + view_at,
+        };
+        // Straddling the start and the end of the view: copied.
+        for range in [view_at - 4..view_at + 4, view_at + 28..view_at + 36] {
+            let given = memory.get(range.clone()).unwrap_or(&[]);
+            let p = Payload::from_chunk(Some(&chunk), given);
+            assert!(matches!(p, Payload::Owned(_)), "{range:?}");
+            assert_eq!(&*p, given);
+        }
+        // Inside, but other bytes (address reused by a buffer with other contents): copied.
+        let given = memory.get(view_at + 8..view_at + 16).unwrap_or(&[]);
+        let p = Payload::from_chunk(Some(&chunk), given);
+        assert!(matches!(p, Payload::Owned(_)));
+        assert_eq!(&*p, &[0xAA; 8]);
+        // Inside, with the same bytes as the chunk there: shared, and still those bytes after
+        // the buffer changes.
+        if let Some(dst) = memory.get_mut(view_at + 8..view_at + 16) {
+            dst.copy_from_slice(&bytes[8..16]);
+        }
+        let given = memory.get(view_at + 8..view_at + 16).unwrap_or(&[]);
+        let p = Payload::from_chunk(Some(&chunk), given);
+        assert!(matches!(&p, Payload::Restored { range, .. } if *range == (8..16)));
+        memory.fill(0x55);
+        assert_eq!(&*p, &bytes[8..16]);
+        // Empty, at the end of the view: empty either way.
+        let end = memory.get(view_at + 32..view_at + 32).unwrap_or(&[]);
+        assert_eq!(&*Payload::from_chunk(Some(&chunk), end), &[] as &[u8]);
+    }
 }
