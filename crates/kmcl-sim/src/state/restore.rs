@@ -108,9 +108,22 @@ impl Shared {
         let Some(c) = st.channels.get_mut(&seq) else {
             return NtStatus::INVALID_PARAMETER_1;
         };
-        if duplicate {
+        // The same transaction id twice within the chunk: forged as well (a save writes each
+        // packet once).
+        let mut chunk_txids: KeyMap<u64, ()> = KeyMap::default();
+        chunk_txids.reserve(libs.len());
+        let repeated = libs
+            .iter()
+            .flatten()
+            .any(|lib| chunk_txids.insert(lib.txid, ()).is_some());
+        if duplicate || repeated {
             c.restore = RestorePhase::Failed;
             return NtStatus::DATA_ERROR;
+        }
+        // Sends during the restore (a channel restored after Enable) draw their ids above the
+        // chunk's, so no unit restored later finds its id taken.
+        if let Some(highest) = chunk_txids.keys().max() {
+            NEXT_TXID.fetch_max(highest.saturating_add(1), Ordering::Relaxed);
         }
         session.get_or_insert(chunk.session);
         c.restore = RestorePhase::Busy;
@@ -293,6 +306,16 @@ impl Shared {
                 return NtStatus::INVALID_PARAMETER;
             }
         };
+        // The chunk's ids were checked against the live ones and each other before any callback,
+        // and the counter was moved past them, so a send during the restore cannot have taken
+        // this one; kept as the last word on "one live packet per transaction id".
+        if st
+            .channels
+            .get(&ch)
+            .is_some_and(|c| c.live_txids.contains_key(&lib.txid))
+        {
+            return NtStatus::DATA_ERROR;
+        }
         NEXT_TXID.fetch_max(lib.txid.saturating_add(1), Ordering::Relaxed);
         let reset_routine =
             self.config.restored_packet_context != RestoredPacketContext::KeepSetBeforeRestore;
