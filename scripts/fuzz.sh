@@ -19,8 +19,9 @@
 # 1. Seeds the corpora (fuzz/corpus/<target>/, gitignored): the golden blobs for decode_saved
 #    (fuzz/seed-corpus.sh) and real runs of the driver over the simulator for every target
 #    (tests/reliability_fuzz_seeds.rs, an #[ignore]d test).
-# 2. Builds every target (cargo +nightly fuzz build -O: optimized, debug assertions on,
-#    AddressSanitizer + LeakSanitizer, libFuzzer's leak check per input).
+# 2. Builds every target (cargo +nightly fuzz build -O --no-trace-compares: optimized, debug
+#    assertions on, AddressSanitizer + LeakSanitizer, libFuzzer's leak check per input; comparison
+#    tracing is put back by fuzz/Cargo.toml for every crate except the KMCL simulator — see there).
 # 3. Runs each target; prints executions, executions/s and crashes (new crash-/leak-/timeout-/oom-
 #    artifacts in fuzz/artifacts/<target>/, or a non-zero libFuzzer exit) per target.
 #
@@ -51,6 +52,8 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 read -r -a targets <<<"${FUZZ_TARGETS:-decode_saved guest_packets control_ioctl restore_e2e inspect}"
 logs="${FUZZ_LOG_DIR:-$root/target/fuzz-logs}"
+# The flags of every build and run: fuzz/Cargo.toml turns comparison tracing back on per crate.
+fuzz_build_flags=(-O --no-trace-compares)
 mkdir -p "$logs"
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
@@ -70,7 +73,9 @@ if [ "$build" -eq 1 ]; then
         || { echo "seed generation failed" >&2; exit 2; }
 
     echo "== building ${#targets[@]} target(s)"
-    (cd fuzz && for target in "${targets[@]}"; do cargo +nightly fuzz build -O "$target" || exit 1; done) \
+    (cd fuzz && for target in "${targets[@]}"; do
+        cargo +nightly fuzz build "${fuzz_build_flags[@]}" "$target" || exit 1
+    done) \
         >"$logs/build.log" 2>&1 \
         || { cat "$logs/build.log" >&2; echo "fuzz build failed" >&2; exit 2; }
 fi
@@ -95,7 +100,7 @@ for target in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$target" "fuzz/artifacts/$target"
     before=$(count_artifacts "$target")
     log="$logs/$target.log"
-    (cd fuzz && cargo +nightly fuzz run -O "$target" -- \
+    (cd fuzz && cargo +nightly fuzz run "${fuzz_build_flags[@]}" "$target" -- \
         -max_total_time="$seconds" -timeout=20 -rss_limit_mb=4096 -print_final_stats=1) \
         >"$log" 2>&1
     rc=$?
