@@ -999,22 +999,7 @@ mod review_decode_tests {
     extern crate alloc;
     use alloc::vec::Vec;
 
-    /// CRC32C (Castagnoli, reflected, init and xorout !0), one bit at a time: shares no code
-    /// with `checksum` or `hwcrc`.
-    fn bitwise_crc32c(bytes: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &b in bytes {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0x82F6_3B78
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
+    use crate::saved::checksum::tests::bitwise as bitwise_crc32c;
 
     /// The plain layout straight from the format description, byte offsets and all: `Some` only
     /// for a valid 56-byte record without extensions, followed by zero bytes only.

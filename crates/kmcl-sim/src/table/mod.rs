@@ -162,10 +162,10 @@ fn copy_in_as<T>(
         bad_argument(shared, call, "NULL buffer with a nonzero length");
         return None;
     }
+    // The bytes are copied (by `copy`, whose result cannot borrow them) before returning.
     // SAFETY: the KMCL contract (`_In_reads_bytes_(len)`) is that the caller passes `len` readable,
     // initialized bytes at `ptr` for the duration of the call; `ptr` was checked non-NULL and a
-    // byte slice has no alignment requirement. The bytes are copied (by `copy`, whose result
-    // cannot borrow them) before returning.
+    // byte slice has no alignment requirement.
     let bytes = unsafe { core::slice::from_raw_parts(ptr.cast::<u8>(), len as usize) };
     Some(copy(bytes))
 }
@@ -240,10 +240,10 @@ fn with_bytes_in_place(
         bad_argument(shared, call, "NULL buffer with a nonzero length");
         return NtStatus::INVALID_PARAMETER_2;
     }
+    // The slice is only lent to `op` (it cannot outlive this call), and `op` runs no driver code.
     // SAFETY: the KMCL contract (`_In_reads_bytes_(len)`) is that the caller passes `len` readable,
     // initialized bytes at `buffer` that stay unchanged for the duration of the call; `buffer` was
-    // checked non-NULL and a byte slice has no alignment requirement. The slice is only lent to
-    // `op` (it cannot outlive this call), and `op` runs no driver code.
+    // checked non-NULL and a byte slice has no alignment requirement.
     let bytes = unsafe { core::slice::from_raw_parts(buffer.cast::<u8>(), len as usize) };
     op(bytes)
 }
