@@ -19,9 +19,11 @@
 # 1. Seeds the corpora (fuzz/corpus/<target>/, gitignored): the golden blobs for decode_saved
 #    (fuzz/seed-corpus.sh) and real runs of the driver over the simulator for every target
 #    (tests/reliability_fuzz_seeds.rs, an #[ignore]d test).
-# 2. Builds every target (cargo +nightly fuzz build -O --no-trace-compares: optimized, debug
-#    assertions on, AddressSanitizer + LeakSanitizer, libFuzzer's leak check per input; comparison
-#    tracing is put back by fuzz/Cargo.toml for every crate except the KMCL simulator — see there).
+# 2. Builds every target (cargo +nightly fuzz build -O -a --no-trace-compares: optimized, with
+#    debug assertions and overflow checks — `-O` alone drops them, and every target refuses to
+#    compile without them (fuzz/common/checked_build.rs) — AddressSanitizer + LeakSanitizer,
+#    libFuzzer's leak check per input; comparison tracing is put back by fuzz/Cargo.toml for
+#    every crate except the KMCL simulator — see there).
 # 3. Runs each target; prints executions, executions/s and crashes (new crash-/leak-/timeout-/oom-
 #    artifacts in fuzz/artifacts/<target>/, or a non-zero libFuzzer exit) per target.
 #
@@ -53,7 +55,7 @@ cd "$root"
 read -r -a targets <<<"${FUZZ_TARGETS:-decode_saved guest_packets control_ioctl restore_e2e inspect}"
 logs="${FUZZ_LOG_DIR:-$root/target/fuzz-logs}"
 # The flags of every build and run: fuzz/Cargo.toml turns comparison tracing back on per crate.
-fuzz_build_flags=(-O --no-trace-compares)
+fuzz_build_flags=(-O -a --no-trace-compares)
 mkdir -p "$logs"
 
 if ! cargo +nightly --version >/dev/null 2>&1; then

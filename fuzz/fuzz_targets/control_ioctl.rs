@@ -10,6 +10,9 @@
 //! use and `Kmcl::finish()` reports no violation.
 #![no_main]
 
+#[path = "../common/checked_build.rs"]
+mod checked_build;
+
 #[path = "../common/inputs.rs"]
 mod inputs;
 

@@ -9,6 +9,9 @@
 //! frame sequences.
 #![no_main]
 
+#[path = "../common/checked_build.rs"]
+mod checked_build;
+
 use libfuzzer_sys::fuzz_target;
 use vmbsrv::saved::stream::{FrameKind, FrameReader, FrameWriter};
 use vmbsrv::saved::{ChannelRecord, DeliveryRecord, MAX_RECORD_LEN, crc32c};

@@ -10,6 +10,9 @@
 //! contract misuse).
 #![no_main]
 
+#[path = "../common/checked_build.rs"]
+mod checked_build;
+
 #[path = "../common/harness.rs"]
 mod harness;
 #[path = "../common/inputs.rs"]

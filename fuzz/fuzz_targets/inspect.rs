@@ -4,6 +4,9 @@
 //! the driver-side reader (`FrameReader`) accepts frame by frame.
 #![no_main]
 
+#[path = "../common/checked_build.rs"]
+mod checked_build;
+
 use libfuzzer_sys::fuzz_target;
 use vmbsrv::saved::stream::FrameReader;
 use vmbsrv_client::inspect::inspect;

@@ -13,6 +13,9 @@
 //! channel is disabled; `Kmcl::finish()` reports no violation (no leaked or half-restored packet).
 #![no_main]
 
+#[path = "../common/checked_build.rs"]
+mod checked_build;
+
 #[path = "../common/harness.rs"]
 mod harness;
 #[path = "../common/inputs.rs"]
