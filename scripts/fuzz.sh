@@ -23,7 +23,8 @@
 #    debug assertions and overflow checks — `-O` alone drops them, and every target refuses to
 #    compile without them (fuzz/common/checked_build.rs) — AddressSanitizer + LeakSanitizer,
 #    libFuzzer's leak check per input; comparison tracing is put back by fuzz/Cargo.toml for
-#    every crate except the KMCL simulator — see there).
+#    every crate except the KMCL simulator — see there — and the simulator gets no coverage
+#    instrumentation at all: fuzz/rustc-wrapper.sh).
 # 3. Runs each target; prints executions, executions/s and crashes (new crash-/leak-/timeout-/oom-
 #    artifacts in fuzz/artifacts/<target>/, or a non-zero libFuzzer exit) per target.
 #
@@ -56,6 +57,15 @@ read -r -a targets <<<"${FUZZ_TARGETS:-decode_saved guest_packets control_ioctl 
 logs="${FUZZ_LOG_DIR:-$root/target/fuzz-logs}"
 # The flags of every build and run: fuzz/Cargo.toml turns comparison tracing back on per crate.
 fuzz_build_flags=(-O -a --no-trace-compares)
+# The KMCL simulator is compiled without coverage instrumentation (fuzz/rustc-wrapper.sh says why
+# and how); the marker in RUSTFLAGS switches the wrapper on and is part of cargo's fingerprint.
+# A RUSTC_WRAPPER already set (sccache, ...) is not chained: the fuzz build runs without it.
+# Only `cargo fuzz` sees them (the seed generation below is a normal test build).
+fuzz_cargo() {
+    RUSTC_WRAPPER="$root/fuzz/rustc-wrapper.sh" \
+        RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }--cfg=vmbsrv_fuzz_uninstrumented_sim" \
+        cargo +nightly fuzz "$@"
+}
 mkdir -p "$logs"
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
@@ -76,7 +86,7 @@ if [ "$build" -eq 1 ]; then
 
     echo "== building ${#targets[@]} target(s)"
     (cd fuzz && for target in "${targets[@]}"; do
-        cargo +nightly fuzz build "${fuzz_build_flags[@]}" "$target" || exit 1
+        fuzz_cargo build "${fuzz_build_flags[@]}" "$target" || exit 1
     done) \
         >"$logs/build.log" 2>&1 \
         || { cat "$logs/build.log" >&2; echo "fuzz build failed" >&2; exit 2; }
@@ -102,7 +112,7 @@ for target in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$target" "fuzz/artifacts/$target"
     before=$(count_artifacts "$target")
     log="$logs/$target.log"
-    (cd fuzz && cargo +nightly fuzz run "${fuzz_build_flags[@]}" "$target" -- \
+    (cd fuzz && fuzz_cargo run "${fuzz_build_flags[@]}" "$target" -- \
         -max_total_time="$seconds" -timeout=20 -rss_limit_mb=4096 -print_final_stats=1) \
         >"$log" 2>&1
     rc=$?
