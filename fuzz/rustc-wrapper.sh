@@ -13,11 +13,14 @@
 # cargo-fuzz puts `-Cpasses=sancov-module` into RUSTFLAGS, which cargo applies to every crate and
 # after any per-package `rustflags` of fuzz/Cargo.toml, so a package setting cannot take it out
 # again; this wrapper drops that one argument from the simulator's rustc command line. It acts
-# only when scripts/fuzz.sh's marker `--cfg=vmbsrv_fuzz_uninstrumented_sim` is on the command line
-# too (scripts/fuzz.sh adds it to RUSTFLAGS, which also makes cargo rebuild when a build switches
-# between the two set-ups), and fails the build if the simulator is being compiled with the
-# marker but without the argument it expects, so a change in cargo-fuzz cannot silently leave the
-# simulator instrumented or half-instrumented.
+# only when scripts/fuzz.sh's marker `--cfg=vmbsrv_fuzz_uninstrumented_sim="<hash>"` is on the
+# command line too. scripts/fuzz.sh puts it in RUSTFLAGS with the first 16 hex digits of this
+# file's SHA-256 as the value: cargo's fingerprint covers RUSTFLAGS but neither RUSTC_WRAPPER nor
+# the wrapper's contents, so the hash is what makes cargo rebuild when a build switches between
+# the two set-ups or this file changes. The build fails, rather than silently leaving the simulator
+# instrumented or half-instrumented, when the simulator is compiled with the marker but without
+# exactly the one argument expected, with another sancov-module argument, or from an `@argfile`
+# (which this wrapper does not read).
 #
 # Usage (cargo calls it): rustc-wrapper.sh RUSTC ARGS...
 set -euo pipefail
@@ -27,17 +30,24 @@ shift
 
 crate=""
 marker=0
+argfile=0
 previous=""
 for arg in "$@"; do
+    case "$arg" in
+        --crate-name=*) crate="${arg#--crate-name=}" ;;
+        --cfg=vmbsrv_fuzz_uninstrumented_sim=*) marker=1 ;;
+        @*) argfile=1 ;;
+    esac
     if [ "$previous" = "--crate-name" ]; then
         crate="$arg"
-    fi
-    if [ "$arg" = "--cfg=vmbsrv_fuzz_uninstrumented_sim" ]; then
-        marker=1
     fi
     previous="$arg"
 done
 
+if [ "$marker" -eq 1 ] && [ "$argfile" -eq 1 ]; then
+    echo "fuzz/rustc-wrapper.sh: rustc arguments in an @argfile are not supported" >&2
+    exit 1
+fi
 if [ "$crate" != "kmcl_sim" ] || [ "$marker" -eq 0 ]; then
     exec "$rustc" "$@"
 fi

@@ -58,12 +58,14 @@ logs="${FUZZ_LOG_DIR:-$root/target/fuzz-logs}"
 # The flags of every build and run: fuzz/Cargo.toml turns comparison tracing back on per crate.
 fuzz_build_flags=(-O -a --no-trace-compares)
 # The KMCL simulator is compiled without coverage instrumentation (fuzz/rustc-wrapper.sh says why
-# and how); the marker in RUSTFLAGS switches the wrapper on and is part of cargo's fingerprint.
-# A RUSTC_WRAPPER already set (sccache, ...) is not chained: the fuzz build runs without it.
-# Only `cargo fuzz` sees them (the seed generation below is a normal test build).
+# and how); the marker in RUSTFLAGS switches the wrapper on, and its value (a hash of the wrapper)
+# is what puts the set-up into cargo's fingerprint. Only `cargo fuzz` sees them (the seed
+# generation below is a normal test build). A RUSTC_WRAPPER already set (sccache, ...) is not
+# chained: the fuzz build runs without it.
+wrapper_hash=$(sha256sum "$root/fuzz/rustc-wrapper.sh" | cut -c1-16)
 fuzz_cargo() {
     RUSTC_WRAPPER="$root/fuzz/rustc-wrapper.sh" \
-        RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }--cfg=vmbsrv_fuzz_uninstrumented_sim" \
+        RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }--cfg=vmbsrv_fuzz_uninstrumented_sim=\"$wrapper_hash\"" \
         cargo +nightly fuzz "$@"
 }
 mkdir -p "$logs"

@@ -25,10 +25,19 @@
 //! The whole crate is `no_std` + `alloc` on every target, so the code that runs in the kernel is
 //! the code the Linux tests run. Outside the Windows driver build, `std` is linked — never
 //! imported by the kernel modules — only to give the `cdylib` a panic handler and an allocator.
+// Fuzz builds (cargo-fuzz's `--cfg fuzzing`, nightly only) must keep this crate's debug assertions
+// and overflow checks: the const below refuses to compile without them (docs/reliability.md F7).
+#![cfg_attr(fuzzing, feature(cfg_overflow_checks))]
 #![no_std]
 // UNSAFETY: the KMDF glue (`driver`, Windows only) calls WDF and the kernel through FFI, and
 // [`hwcrc`] calls the CPU's CRC32C intrinsic. `vsp` and `saved` forbid unsafe code.
 #![allow(unsafe_code)]
+
+#[cfg(fuzzing)]
+const _: () = assert!(
+    cfg!(debug_assertions) && cfg!(overflow_checks),
+    "fuzz builds keep debug assertions and overflow checks (docs/reliability.md F7)"
+);
 
 extern crate alloc;
 #[cfg(any(not(all(target_os = "windows", feature = "driver")), test))]

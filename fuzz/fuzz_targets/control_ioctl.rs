@@ -9,6 +9,8 @@
 //! VMBus handle the registry took over is closed exactly once; after `destroy_all` no slot is in
 //! use and `Kmcl::finish()` reports no violation.
 #![no_main]
+// `cfg!(overflow_checks)` in `checked_build` (fuzz builds are nightly-only).
+#![feature(cfg_overflow_checks)]
 
 #[path = "../common/checked_build.rs"]
 mod checked_build;

@@ -8,6 +8,8 @@
 //! magic, length and checksums are repaired, letting it explore bodies, extension areas and
 //! frame sequences.
 #![no_main]
+// `cfg!(overflow_checks)` in `checked_build` (fuzz builds are nightly-only).
+#![feature(cfg_overflow_checks)]
 
 #[path = "../common/checked_build.rs"]
 mod checked_build;

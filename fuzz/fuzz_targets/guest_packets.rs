@@ -9,6 +9,8 @@
 //! add up; `Kmcl::finish()` reports no violation (no leaked packet, channel or reference, no
 //! contract misuse).
 #![no_main]
+// `cfg!(overflow_checks)` in `checked_build` (fuzz builds are nightly-only).
+#![feature(cfg_overflow_checks)]
 
 #[path = "../common/checked_build.rs"]
 mod checked_build;

@@ -3,6 +3,8 @@
 //! Properties: nothing panics; the report renders; a file the inspector calls clean is a stream
 //! the driver-side reader (`FrameReader`) accepts frame by frame.
 #![no_main]
+// `cfg!(overflow_checks)` in `checked_build` (fuzz builds are nightly-only).
+#![feature(cfg_overflow_checks)]
 
 #[path = "../common/checked_build.rs"]
 mod checked_build;

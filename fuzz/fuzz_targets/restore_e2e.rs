@@ -12,6 +12,8 @@
 //! (enabled and started); every delivery it rebuilt comes back exactly once, cancelled, when the
 //! channel is disabled; `Kmcl::finish()` reports no violation (no leaked or half-restored packet).
 #![no_main]
+// `cfg!(overflow_checks)` in `checked_build` (fuzz builds are nightly-only).
+#![feature(cfg_overflow_checks)]
 
 #[path = "../common/checked_build.rs"]
 mod checked_build;

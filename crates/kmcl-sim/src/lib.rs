@@ -21,7 +21,16 @@
 // UNSAFETY: the simulator is the other side of the FFI boundary: its entry points are `extern`
 // functions called through the interface table with raw pointers, and it calls the driver's
 // `extern` callbacks. Every block carries a `// SAFETY:` comment.
+// Fuzz builds (cargo-fuzz's `--cfg fuzzing`, nightly only) must keep this crate's debug assertions
+// and overflow checks: the const below refuses to compile without them (docs/reliability.md F7).
+#![cfg_attr(fuzzing, feature(cfg_overflow_checks))]
 #![allow(unsafe_code)]
+
+#[cfg(fuzzing)]
+const _: () = assert!(
+    cfg!(debug_assertions) && cfg!(overflow_checks),
+    "fuzz builds keep debug assertions and overflow checks (docs/reliability.md F7)"
+);
 
 mod bus;
 mod config;

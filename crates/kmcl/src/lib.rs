@@ -16,8 +16,17 @@
 //! UNSAFETY: this crate is the FFI boundary — it calls through KMCL function pointers and turns
 //! KMCL's raw pointers into references in the trampolines. Every block carries a `// SAFETY:`
 //! comment naming the invariant it relies on.
+// Fuzz builds (cargo-fuzz's `--cfg fuzzing`, nightly only) must keep this crate's debug assertions
+// and overflow checks: the const below refuses to compile without them (docs/reliability.md F7).
+#![cfg_attr(fuzzing, feature(cfg_overflow_checks))]
 #![no_std]
 #![allow(unsafe_code)]
+
+#[cfg(fuzzing)]
+const _: () = assert!(
+    cfg!(debug_assertions) && cfg!(overflow_checks),
+    "fuzz builds keep debug assertions and overflow checks (docs/reliability.md F7)"
+);
 
 extern crate alloc;
 

@@ -18,6 +18,16 @@
 //! `unsafe` is denied crate-wide (workspace lints) and allowed only in the `windows` module, at
 //! the FFI edge (`DeviceIoControl`, `CreateFileW`, the configuration manager).
 
+// Fuzz builds (cargo-fuzz's `--cfg fuzzing`, nightly only) must keep this crate's debug assertions
+// and overflow checks: the const below refuses to compile without them (docs/reliability.md F7).
+#![cfg_attr(fuzzing, feature(cfg_overflow_checks))]
+
+#[cfg(fuzzing)]
+const _: () = assert!(
+    cfg!(debug_assertions) && cfg!(overflow_checks),
+    "fuzz builds keep debug assertions and overflow checks (docs/reliability.md F7)"
+);
+
 pub mod inspect;
 #[cfg(feature = "sim")]
 pub mod sim;

@@ -11,7 +11,16 @@
 //! matching one in the simulator; the ledger checks every payload and tag the guest read against
 //! its own record of the post, never against anything the service wrote.
 //! The end-to-end tests, the `live_migration` example (the main job) and the benches use it.
+// Fuzz builds (cargo-fuzz's `--cfg fuzzing`, nightly only) must keep this crate's debug assertions
+// and overflow checks: the const below refuses to compile without them (docs/reliability.md F7).
+#![cfg_attr(fuzzing, feature(cfg_overflow_checks))]
 #![forbid(unsafe_code)]
+
+#[cfg(fuzzing)]
+const _: () = assert!(
+    cfg!(debug_assertions) && cfg!(overflow_checks),
+    "fuzz builds keep debug assertions and overflow checks (docs/reliability.md F7)"
+);
 
 pub mod fixtures;
 pub mod guest;
