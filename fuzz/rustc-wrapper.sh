@@ -20,7 +20,7 @@
 # the two set-ups or this file changes. The build fails, rather than silently leaving the simulator
 # instrumented or half-instrumented, when the simulator is compiled with the marker but without
 # exactly the one argument expected, with another sancov-module argument, or from an `@argfile`
-# (which this wrapper does not read).
+# (which this wrapper does not read; refused whenever the marker is in RUSTFLAGS).
 #
 # Usage (cargo calls it): rustc-wrapper.sh RUSTC ARGS...
 set -euo pipefail
@@ -44,7 +44,13 @@ for arg in "$@"; do
     previous="$arg"
 done
 
-if [ "$marker" -eq 1 ] && [ "$argfile" -eq 1 ]; then
+# Cargo moves *every* argument into an @argfile when the command line is too long, marker
+# included, so the marker is looked for in the RUSTFLAGS cargo-fuzz passed down as well.
+case " ${RUSTFLAGS:-} " in
+    *" --cfg=vmbsrv_fuzz_uninstrumented_sim="*) env_marker=1 ;;
+    *) env_marker=0 ;;
+esac
+if [ "$argfile" -eq 1 ] && { [ "$marker" -eq 1 ] || [ "$env_marker" -eq 1 ]; }; then
     echo "fuzz/rustc-wrapper.sh: rustc arguments in an @argfile are not supported" >&2
     exit 1
 fi

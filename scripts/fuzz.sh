@@ -63,6 +63,10 @@ fuzz_build_flags=(-O -a --no-trace-compares)
 # generation below is a normal test build). A RUSTC_WRAPPER already set (sccache, ...) is not
 # chained: the fuzz build runs without it.
 wrapper_hash=$(sha256sum "$root/fuzz/rustc-wrapper.sh" | cut -c1-16)
+if ! [[ "$wrapper_hash" =~ ^[0-9a-f]{16}$ ]]; then
+    echo "fuzz: cannot hash fuzz/rustc-wrapper.sh (sha256sum)" >&2
+    exit 2
+fi
 fuzz_cargo() {
     RUSTC_WRAPPER="$root/fuzz/rustc-wrapper.sh" \
         RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }--cfg=vmbsrv_fuzz_uninstrumented_sim=\"$wrapper_hash\"" \

@@ -6,11 +6,19 @@
 //! --help`), and for a long time `scripts/fuzz.sh` did exactly that while docs/reliability.md said
 //! the targets ran with debug assertions: an arithmetic overflow on a hostile input wrapped
 //! silently instead of failing the input, and the simulator's `debug_assert!` cross-checks never
-//! ran (docs/reliability.md F7). This checks the target crate; the library crates the targets
-//! link (vmbsrv, kmcl, kmcl-sim, vmbsrv-testkit, vmbsrv-client) make the same check on themselves
-//! under `cfg(fuzzing)`, so a per-package profile setting cannot switch them off unnoticed either.
+//! ran (docs/reliability.md F7). This checks the target crate; the workspace's library crates the
+//! targets link (vmbsrv, kmcl, kmcl-sys, kmcl-sim, vmbsrv-testkit, vmbsrv-client) make the same
+//! check on themselves under `cfg(fuzzing)`, so a per-package profile setting cannot switch them
+//! off unnoticed either. That needs `cfg(fuzzing)` to be set, which cargo-fuzz does for every crate
+//! through `RUSTFLAGS` unless told `--no-cfg-fuzzing` (and a per-package setting cannot remove a
+//! `--cfg`): so it is checked here too.
 
 const _: () = assert!(
     cfg!(debug_assertions) && cfg!(overflow_checks),
     "fuzz targets must be built with debug assertions and overflow checks: cargo fuzz build -O -a"
+);
+const _: () = assert!(
+    cfg!(fuzzing),
+    "fuzz targets must be built with cfg(fuzzing) (no --no-cfg-fuzzing): the library crates check \
+     their own debug assertions and overflow checks under it"
 );

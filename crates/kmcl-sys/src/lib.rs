@@ -13,8 +13,17 @@
 //! linking) and no dependency beyond `core`: this crate builds for the kernel, for any host, and
 //! without the WDK. The facts it encodes are written down in the repository's
 //! `docs/kmcl-bindings.md`. The safe layer is the `kmcl` crate.
+// Fuzz builds (cargo-fuzz's `--cfg fuzzing`, nightly only) must keep this crate's debug assertions
+// and overflow checks: the const below refuses to compile without them (docs/reliability.md F7).
+#![cfg_attr(fuzzing, feature(cfg_overflow_checks))]
 #![no_std]
 #![forbid(unsafe_code)]
+
+#[cfg(fuzzing)]
+const _: () = assert!(
+    cfg!(debug_assertions) && cfg!(overflow_checks),
+    "fuzz builds keep debug assertions and overflow checks (docs/reliability.md F7)"
+);
 
 mod abi;
 mod raw;
