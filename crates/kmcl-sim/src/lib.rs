@@ -18,12 +18,12 @@
 //! VSP crate). The crate README shows how a VSP tests against it. See `docs/simulator.md` for the model and the rules
 //! each check enforces.
 
-// UNSAFETY: the simulator is the other side of the FFI boundary: its entry points are `extern`
-// functions called through the interface table with raw pointers, and it calls the driver's
-// `extern` callbacks. Every block carries a `// SAFETY:` comment.
 // Fuzz builds (cargo-fuzz's `--cfg fuzzing`, nightly only) must keep this crate's debug assertions
 // and overflow checks: the const below refuses to compile without them (docs/reliability.md F7).
 #![cfg_attr(fuzzing, feature(cfg_overflow_checks))]
+// UNSAFETY: the simulator is the other side of the FFI boundary: its entry points are `extern`
+// functions called through the interface table with raw pointers, and it calls the driver's
+// `extern` callbacks. Every block carries a `// SAFETY:` comment.
 #![allow(unsafe_code)]
 
 #[cfg(fuzzing)]
