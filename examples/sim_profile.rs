@@ -13,7 +13,9 @@
 //! `save N` / `restore N`: one channel with N undelivered posts of 64 bytes, saved in 64 KiB
 //! chunks (`save`), or that save restored once into a fresh instance (`restore`, fed as one
 //! chunk as the §5 slope is; `restore-chunked`, in the 64 KiB chunks it was saved in). Prints the
-//! wall time of the timed part per packet.
+//! wall time of the timed part per packet. An optional third argument repeats the timed part
+//! (mean printed), so that `perf record` samples mostly it:
+//! `perf record -F 5000 -g target/release/examples/sim_profile save 10000 300`.
 
 use std::time::{Duration, Instant};
 
@@ -24,11 +26,14 @@ use vmbsrv_testkit::migration::{Lock, restore_channel, save_channel};
 const MAX_MESSAGE_LEN: u32 = 256;
 
 /// A loaded channel's save stream, in `chunk` byte chunks, and the time `save_channel` took.
-fn loaded_save(packets: u32, chunk: usize) -> (Vec<u8>, Duration) {
+fn loaded_save(packets: u32, chunk: usize, repeat: u32) -> (Vec<u8>, Duration) {
     fixtures::with_loaded_channel(packets, 64, MAX_MESSAGE_LEN, |channel| {
         let start = Instant::now();
-        let stream = timed_save(channel, chunk);
-        (stream, start.elapsed())
+        let mut stream = timed_save(channel, chunk);
+        for _ in 1..repeat {
+            stream = timed_save(channel, chunk);
+        }
+        (stream, start.elapsed() / repeat)
     })
 }
 
@@ -52,12 +57,20 @@ fn restore_once(packets: u32, stream: &[u8]) -> Duration {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: sim_profile save|restore|restore-chunked PACKETS";
+    let usage = "usage: sim_profile save|restore|restore-chunked PACKETS [REPEAT]";
     let mode = args.get(1).expect(usage).as_str();
     let packets: u32 = args.get(2).expect(usage).parse().expect(usage);
+    // REPEAT > 1 runs the timed part that many times (for `perf record`) and prints the mean.
+    let repeat: u32 = args.get(3).map_or(1, |r| r.parse().expect(usage)).max(1);
+    let restore_repeated = |stream: &[u8]| -> Duration {
+        (0..repeat)
+            .map(|_| restore_once(packets, stream))
+            .sum::<Duration>()
+            / repeat
+    };
     match mode {
         "save" => {
-            let (_, elapsed) = loaded_save(packets, 64 * 1024);
+            let (_, elapsed) = loaded_save(packets, 64 * 1024, repeat);
             println!(
                 "save {packets}: {:?}, {:.1} ns/packet",
                 elapsed,
@@ -65,8 +78,8 @@ fn main() {
             );
         }
         "restore" => {
-            let (stream, _) = loaded_save(packets, 4096 + packets as usize * 1024);
-            let elapsed = restore_once(packets, &stream);
+            let (stream, _) = loaded_save(packets, 4096 + packets as usize * 1024, 1);
+            let elapsed = restore_repeated(&stream);
             println!(
                 "restore {packets}: {:?}, {:.1} ns/packet",
                 elapsed,
@@ -74,8 +87,8 @@ fn main() {
             );
         }
         "restore-chunked" => {
-            let (stream, _) = loaded_save(packets, 64 * 1024);
-            let elapsed = restore_once(packets, &stream);
+            let (stream, _) = loaded_save(packets, 64 * 1024, 1);
+            let elapsed = restore_repeated(&stream);
             println!(
                 "restore in 64 KiB chunks {packets}: {:?}, {:.1} ns/packet",
                 elapsed,

@@ -86,6 +86,16 @@ pub fn answer_save(
     }
 }
 
+/// Whether [`answer_save`] with a buffer of `buf_len` bytes writes `record` and succeeds:
+/// the record is valid and the buffer holds [`DeliveryRecord::encoded_len_saved`] bytes.
+///
+/// The save callback decides this under the delivery table's lock, so that it can count the
+/// write in the same hold as the lookup, and encodes after releasing it (tested against
+/// [`answer_save`] for every record shape and buffer length up to the largest record).
+pub fn save_writes(record: &DeliveryRecord, save_id: Option<u64>, buf_len: usize) -> bool {
+    record.validate().is_ok() && buf_len >= record.encoded_len_saved(save_id)
+}
+
 /// The status a restore callback returns for a record the codec rejected.
 ///
 /// A newer format than this build reads maps to `STATUS_REVISION_MISMATCH` so that a rollback
@@ -120,6 +130,43 @@ mod tests {
             payload_crc: 7,
             attempts: 1,
             trace_id: trace.then_some([0x5A; 16]),
+        }
+    }
+
+    /// The save callback counts a write under the lock before it encodes: `save_writes` must
+    /// say "writes" exactly when `answer_save` succeeds with a buffer, for every record shape,
+    /// save identity and buffer length.
+    #[test]
+    fn save_writes_predicts_answer_save() {
+        let mut shapes = std::vec::Vec::new();
+        for trace in [false, true] {
+            shapes.push(record(trace));
+            shapes.push(DeliveryRecord {
+                sequence: 0,
+                ..record(trace)
+            });
+            shapes.push(DeliveryRecord {
+                payload_len: 0,
+                ..record(trace)
+            });
+            shapes.push(DeliveryRecord {
+                attempts: 0,
+                ..record(trace)
+            });
+        }
+        let mut buf = [0u8; DeliveryRecord::MAX_SAVED_LEN + 8];
+        for shape in &shapes {
+            for save_id in [None, Some(9), Some(u64::MAX)] {
+                for len in 1..=buf.len() {
+                    let predicted = save_writes(shape, save_id, len);
+                    let answer = answer_save(Some(shape), save_id, Some(&mut buf[..len]));
+                    assert_eq!(
+                        predicted,
+                        answer.status.is_success(),
+                        "{shape:?}, save id {save_id:?}, buffer {len}: {answer:?}"
+                    );
+                }
+            }
         }
     }
 

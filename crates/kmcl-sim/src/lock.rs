@@ -1,28 +1,42 @@
-//! The simulator's implementation of the VSP's [`DispatchLock`]: a real mutex that also raises the
+//! The simulator's implementation of the VSP's [`DispatchLock`]: a spin lock that also raises the
 //! holder's simulated IRQL to DISPATCH_LEVEL, as `KeAcquireSpinLock` does.
 //!
 //! Holding it therefore makes every PASSIVE-only KMCL call a recorded violation (for example a
 //! `VmbChannelPause` made while the delivery table is locked), and a blocking wait inside it shows
 //! up as the simulator's hang detection.
-
-use std::sync::{Mutex, PoisonError};
+//!
+//! A spin lock, like the `KSPIN_LOCK` it stands for, rather than `std::sync::Mutex`: its release
+//! is a plain store, where the futex mutex's release is a second atomic read-modify-write (it
+//! must learn whether a waiter sleeps). The VSP takes this lock once or twice per packet, so
+//! that atomic was a measurable part of a packet's save and restore (docs/performance.md §8.9).
+//! A thread that finds it held yields its processor between looks (`spin::relax::Yield`):
+//! unlike a kernel spin-lock holder at DISPATCH_LEVEL, a simulator thread holding it can be
+//! preempted, and a waiter must let it run even on one processor.
 
 use super::irql::{Irql, raise_irql};
 use kmcl::DispatchLock;
+use spin::mutex::SpinMutex;
+use spin::relax::Yield;
 
 /// A spin lock as the simulator models one.
-#[derive(Debug)]
-pub struct SimSpinLock<T>(Mutex<T>);
+pub struct SimSpinLock<T>(SpinMutex<T, Yield>);
+
+impl<T: core::fmt::Debug> core::fmt::Debug for SimSpinLock<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_tuple("SimSpinLock").field(&self.0).finish()
+    }
+}
 
 impl<T: Send> DispatchLock<T> for SimSpinLock<T> {
     fn new(value: T) -> Self {
-        Self(Mutex::new(value))
+        Self(SpinMutex::new(value))
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         // Raise first, as KeAcquireSpinLock does, so the IRQL is DISPATCH for the whole hold.
+        // The guard is declared last, so it is released before the IRQL is lowered again.
         let _irql = raise_irql(Irql::Dispatch);
-        let mut guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.0.lock();
         f(&mut guard)
     }
 

@@ -135,16 +135,28 @@ impl<L: DispatchLock<DeliveryTable>> ChannelEvents for Vsp<L> {
         buffer: Option<&mut [u8]>,
     ) -> SavePacketAnswer {
         let token = packet.token();
-        let (delivery, save_id) = self.table.with(|table| table.save_lookup(token));
-        let is_write = buffer.is_some();
+        let buf_len = buffer.as_ref().map(|buf| buf.len());
+        // One hold of the lock per call: the lookup, and, when this call will write the record
+        // into KMCL's buffer, the count of that write (the size probe writes nothing). Whether
+        // it will write depends only on the record and the buffer's length (`save_writes`), so
+        // the encoding itself runs after the lock is released.
+        let (delivery, save_id, counted) = self.table.with(|table| {
+            let (delivery, save_id) = table.save_lookup(token);
+            let counted = match (token, &delivery, buf_len) {
+                (Some(token), Some(record), Some(len)) if save_writes(record, save_id, len) => {
+                    table.record_save_write(token);
+                    true
+                }
+                _ => false,
+            };
+            (delivery, save_id, counted)
+        });
         let answer = answer_save(delivery.as_ref(), save_id, buffer);
-        if is_write
-            && answer.status.is_success()
-            && let Some(token) = token
-        {
-            // Only a record written into KMCL's buffer counts; the size probe does not.
-            self.table.with(|table| table.record_save_write(token));
-        }
+        debug_assert_eq!(
+            counted,
+            buf_len.is_some() && token.is_some() && answer.status.is_success(),
+            "save_writes must predict answer_save"
+        );
         SavePacketAnswer {
             status: answer.status,
             bytes_needed: answer.bytes_needed,

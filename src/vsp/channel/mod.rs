@@ -50,7 +50,7 @@ use zerocopy::IntoBytes;
 
 use super::lock::DispatchLock;
 use super::protocol::{self, Request, RequestError};
-use super::save_protocol::{answer_save, restore_status};
+use super::save_protocol::{answer_save, restore_status, save_writes};
 use super::table::{DeliveryTable, MAX_CAPACITY, Outcome, OutcomeKind, Token};
 use crate::kmcl::raw::{self, GUID};
 use crate::kmcl::{
