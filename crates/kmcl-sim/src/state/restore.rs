@@ -316,7 +316,13 @@ impl Shared {
         {
             return NtStatus::DATA_ERROR;
         }
-        NEXT_TXID.fetch_max(lib.txid.saturating_add(1), Ordering::Relaxed);
+        // The counter only grows, and the chunk's ids already moved it past this one: the
+        // read-modify-write (a locked instruction, on a counter every instance shares) is
+        // needed only when a plain read says it did not.
+        let above = lib.txid.saturating_add(1);
+        if NEXT_TXID.load(Ordering::Relaxed) < above {
+            NEXT_TXID.fetch_max(above, Ordering::Relaxed);
+        }
         let reset_routine =
             self.config.restored_packet_context != RestoredPacketContext::KeepSetBeforeRestore;
         let reset_pointer =
