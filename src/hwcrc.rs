@@ -62,6 +62,36 @@ pub fn crc32c_array<const N: usize>(bytes: &[u8; N]) -> Option<u32> {
     imp::crc32c_array(bytes)
 }
 
+/// Proof that this CPU has a CRC32C instruction: only [`with_hw`] makes one, and only after the
+/// detection said yes (a copy that escapes `f` stays a valid proof). Its steps are meant to be inlined into the function `with_hw` runs, which
+/// is compiled with the instruction enabled: the words stay in registers and the `crc32`
+/// instructions sit among the caller's own code (no call, no stack array).
+#[derive(Clone, Copy)]
+pub struct Hw(imp::Token);
+
+impl Hw {
+    /// The finished CRC32C (inversions included) of the little-endian bytes of `words`, then of
+    /// `tail` if `TAIL`: `N` (+1) `crc32` instructions once inlined into [`with_hw`]'s function
+    /// (a call of them anywhere else).
+    #[inline(always)]
+    pub fn crc32c_words<const N: usize, const TAIL: bool>(
+        self,
+        words: &[u64; N],
+        tail: u32,
+    ) -> u32 {
+        imp::words_with::<N, TAIL>(self.0, words, tail)
+    }
+}
+
+/// Runs `f` inside a function compiled with the CPU's CRC32C instruction enabled and returns its
+/// result, or `None` (without calling `f`) if this CPU or build has no such instruction. One
+/// out-of-line call of that function with `f` inlined into it; its result comes back in
+/// registers when it is small enough.
+#[inline]
+pub fn with_hw<R>(f: impl FnOnce(Hw) -> R) -> Option<R> {
+    imp::with_hw(f)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use core::arch::x86_64::{__cpuid, _mm_crc32_u8, _mm_crc32_u32, _mm_crc32_u64};
@@ -122,8 +152,10 @@ mod imp {
     }
 
     /// The finished CRC32C (inversions included) of `words`, then of `tail` if `TAIL`. Fixed
-    /// size: the loop is unrolled into `N` (+1) `crc32` instructions, nothing else.
+    /// size: the loop is unrolled into `N` (+1) `crc32` instructions, nothing else. Inlined into
+    /// [`run`]; a call everywhere else.
     #[target_feature(enable = "sse4.2")]
+    #[inline]
     fn update_words<const N: usize, const TAIL: bool>(words: &[u64; N], tail: u32) -> u32 {
         let mut wide = u64::from(!0u32);
         for &word in words {
@@ -175,6 +207,42 @@ mod imp {
         // `available()` just read CPUID.01H:ECX.SSE4_2 = 1 on this CPU.
         Some(unsafe { update_words::<N, TAIL>(words, tail) })
     }
+
+    /// What a [`super::Hw`] holds: made only in [`run`], which only `with_hw` calls, after
+    /// `available()` said yes. So a `Token`, wherever it is used, proves this CPU has `crc32`.
+    #[derive(Clone, Copy)]
+    pub(super) struct Token(());
+
+    #[inline(always)]
+    pub(super) fn words_with<const N: usize, const TAIL: bool>(
+        _token: Token,
+        words: &[u64; N],
+        tail: u32,
+    ) -> u32 {
+        // SAFETY: `update_words` only requires the `sse4.2` target feature. A `Token` is made
+        // only in `run`, which `with_hw` calls only after `available()` read
+        // CPUID.01H:ECX.SSE4_2 = 1 on this CPU.
+        unsafe { update_words::<N, TAIL>(words, tail) }
+    }
+
+    /// `f` compiled with `sse4.2` enabled (inlined here, so `words_with` inlines its `crc32`s).
+    /// Unlike `update`, this compiles the caller's own code with the feature too; SSE4.2 adds no
+    /// register state, and docs/performance.md §4's disassembly check (command 6 of §7) finds
+    /// no `%xmm` operand in the only instance, `DeliveryRecord`'s encoder.
+    #[target_feature(enable = "sse4.2")]
+    fn run<R>(f: impl FnOnce(super::Hw) -> R) -> R {
+        f(super::Hw(Token(())))
+    }
+
+    #[inline]
+    pub(super) fn with_hw<R>(f: impl FnOnce(super::Hw) -> R) -> Option<R> {
+        if !available() {
+            return None;
+        }
+        // SAFETY: `run` only requires the `sse4.2` target feature, and `available()` just read
+        // CPUID.01H:ECX.SSE4_2 = 1 on this CPU.
+        Some(unsafe { run(f) })
+    }
 }
 
 #[cfg(all(target_arch = "aarch64", target_feature = "crc"))]
@@ -218,6 +286,31 @@ mod imp {
         }
         Some(!crc)
     }
+
+    /// What a [`super::Hw`] holds; the build guarantees the instructions.
+    #[derive(Clone, Copy)]
+    pub(super) struct Token(());
+
+    #[inline(always)]
+    pub(super) fn words_with<const N: usize, const TAIL: bool>(
+        _token: Token,
+        words: &[u64; N],
+        tail: u32,
+    ) -> u32 {
+        let mut crc = !0u32;
+        for &word in words {
+            crc = __crc32cd(crc, word);
+        }
+        if TAIL {
+            crc = __crc32cw(crc, tail);
+        }
+        !crc
+    }
+
+    #[inline]
+    pub(super) fn with_hw<R>(f: impl FnOnce(super::Hw) -> R) -> Option<R> {
+        Some(f(super::Hw(Token(()))))
+    }
 }
 
 #[cfg(not(any(
@@ -241,6 +334,22 @@ mod imp {
     }
 
     pub(super) fn crc32c_array<const N: usize>(_bytes: &[u8; N]) -> Option<u32> {
+        None
+    }
+
+    /// No instruction, so no [`super::Hw`] can exist.
+    #[derive(Clone, Copy)]
+    pub(super) enum Token {}
+
+    pub(super) fn words_with<const N: usize, const TAIL: bool>(
+        token: Token,
+        _words: &[u64; N],
+        _tail: u32,
+    ) -> u32 {
+        match token {}
+    }
+
+    pub(super) fn with_hw<R>(_f: impl FnOnce(super::Hw) -> R) -> Option<R> {
         None
     }
 }

@@ -44,6 +44,31 @@ pub(crate) fn crc32c_words_u32<const N: usize>(words: &[u64; N], tail: u32) -> u
     }
 }
 
+/// The finished CRC32C of `words` (then `tail` if `TAIL`) as one encoder computes it: generic,
+/// so that the same encoder is compiled once inside [`crate::hwcrc::with_hw`] (the `crc32`
+/// instructions inlined among its stores) and once with the table.
+pub(crate) trait WordsCrc: Copy {
+    fn words<const N: usize, const TAIL: bool>(self, words: &[u64; N], tail: u32) -> u32;
+}
+
+impl WordsCrc for crate::hwcrc::Hw {
+    #[inline(always)]
+    fn words<const N: usize, const TAIL: bool>(self, words: &[u64; N], tail: u32) -> u32 {
+        self.crc32c_words::<N, TAIL>(words, tail)
+    }
+}
+
+/// The portable table, for CPUs and builds without the instruction.
+#[derive(Clone, Copy)]
+pub(crate) struct TableCrc;
+
+impl WordsCrc for TableCrc {
+    #[inline]
+    fn words<const N: usize, const TAIL: bool>(self, words: &[u64; N], tail: u32) -> u32 {
+        table_crc32c_words(words, TAIL.then_some(tail))
+    }
+}
+
 /// [`crc32c`] of a fixed-size array, checksummed where it lies: the decoders' form.
 #[inline]
 pub(crate) fn crc32c_array<const N: usize>(bytes: &[u8; N]) -> u32 {

@@ -3,7 +3,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use super::checksum::{crc32c_array, crc32c_words, crc32c_words_u32};
+use super::checksum::{TableCrc, WordsCrc, crc32c_array, crc32c_words, crc32c_words_u32};
 use super::envelope::{self, Entries};
 use super::{EXTENSION_ENTRY_HEADER_LEN, Extension, HEADER_LEN, RestoreError, SaveError};
 
@@ -99,31 +99,78 @@ fn le64(bytes: &[u8; 8]) -> u64 {
     u64::from_le_bytes(*bytes)
 }
 
+/// A field [`DeliveryRecord::validate`] rejects. `usize`-sized so that every variant of [`Put`]
+/// carries one `usize`-sized value: that makes `Put` a pair of scalars, returned in two registers.
+#[derive(Clone, Copy)]
+#[repr(usize)]
+enum Field {
+    Sequence,
+    PayloadLen,
+    Attempts,
+}
+
+impl Field {
+    /// The name `validate` and [`SaveError::InvalidRecord`] report.
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Sequence => "sequence",
+            Self::PayloadLen => "payload_len",
+            Self::Attempts => "attempts",
+        }
+    }
+}
+
+/// The outcome of the word-at-a-time encoder, 16 bytes so that it comes back in two registers
+/// (a `Result<usize, SaveError>` is 24 bytes and is returned through memory, where a caller's
+/// 16-byte reload of its two 8-byte stores misses store-to-load forwarding: docs/performance.md
+/// §2.5). [`into_result`](Self::into_result), inlined into the caller, makes the `Result`.
+#[derive(Clone, Copy)]
+enum Put {
+    Written(usize),
+    TooSmall(usize),
+    Invalid(Field),
+}
+
+impl Put {
+    #[inline(always)]
+    fn into_result(self) -> Result<usize, SaveError> {
+        match self {
+            Self::Written(len) => Ok(len),
+            Self::TooSmall(needed) => Err(SaveError::BufferTooSmall { needed }),
+            Self::Invalid(field) => Err(SaveError::InvalidRecord {
+                field: field.name(),
+            }),
+        }
+    }
+}
+
 /// Stores a record of `8 + 8 * N (+ 4 if TAIL)` bytes: word 0 (magic and the checksum of
 /// `covered` and `tail`), `covered`, and `tail`; zeroes the rest of `buf`. Nothing is written
 /// when `buf` is too small.
 #[inline(always)]
-fn put_words<const N: usize, const TAIL: bool>(
+fn put_words<C: WordsCrc, const N: usize, const TAIL: bool>(
+    crc: C,
     covered: &[u64; N],
     tail: u32,
     buf: &mut [u8],
-) -> Result<usize, SaveError> {
+) -> Put {
     let total = 8 + 8 * N + if TAIL { 4 } else { 0 };
     let Some((out, rest)) = buf.split_at_mut_checked(total) else {
-        return Err(SaveError::BufferTooSmall { needed: total });
+        return Put::TooSmall(total);
     };
     // The checksum comes from the words in registers, before anything is stored: no load ever
     // waits for the stores below.
-    let crc = if TAIL {
-        crc32c_words_u32(covered, tail)
-    } else {
-        crc32c_words(covered)
-    };
+    let crc = crc.words::<N, TAIL>(covered, tail);
     let (words, tail_out) = out.as_chunks_mut::<8>();
-    if let Some((head, body)) = words.split_first_mut() {
+    // Fixed-size on both sides, so the loop is unrolled into `N` stores from registers (over
+    // slices, LLVM made it a vector copy out of a stack array, whose 16-byte loads of 8-byte
+    // stores miss store-to-load forwarding).
+    if let Some((head, body)) = words.split_first_mut()
+        && let Some(body) = body.first_chunk_mut::<N>()
+    {
         *head = (MAGIC_WORD | u64::from(crc) << 32).to_le_bytes();
-        for (chunk, word) in body.iter_mut().zip(covered) {
-            *chunk = word.to_le_bytes();
+        for i in 0..N {
+            body[i] = covered[i].to_le_bytes();
         }
     }
     if TAIL {
@@ -132,7 +179,7 @@ fn put_words<const N: usize, const TAIL: bool>(
     if !rest.is_empty() {
         rest.fill(0);
     }
-    Ok(total)
+    Put::Written(total)
 }
 
 impl DeliveryRecord {
@@ -169,25 +216,36 @@ impl DeliveryRecord {
 
     /// Checks the documented ranges; `Err` names the first offending field.
     pub const fn validate(&self) -> Result<(), &'static str> {
+        match self.invalid_field() {
+            Some(field) => Err(field.name()),
+            None => Ok(()),
+        }
+    }
+
+    /// The first field out of its documented range, if any.
+    #[inline(always)]
+    const fn invalid_field(&self) -> Option<Field> {
         if self.sequence == 0 {
-            Err("sequence")
+            Some(Field::Sequence)
         } else if self.payload_len == 0 || self.payload_len > MAX_PAYLOAD_LEN {
-            Err("payload_len")
+            Some(Field::PayloadLen)
         } else if self.attempts == 0 {
-            Err("attempts")
+            Some(Field::Attempts)
         } else {
-            Ok(())
+            None
         }
     }
 
     /// Encodes into `buf`, returning [`encoded_len`](Self::encoded_len), and zeroes the rest of
     /// `buf` so stale memory never reaches a saved-state file. On error nothing is written.
+    #[inline]
     pub fn encode(&self, buf: &mut [u8]) -> Result<usize, SaveError> {
         self.encode_with_extensions(&[], buf)
     }
 
     /// Like [`encode`](Self::encode), carrying `save_id` ([`TAG_SAVE_ID`]) when given: what the
     /// VSP's save callback writes.
+    #[inline]
     pub fn encode_saved(&self, save_id: Option<u64>, buf: &mut [u8]) -> Result<usize, SaveError> {
         self.encode_inner(save_id, &[], buf)
     }
@@ -198,6 +256,7 @@ impl DeliveryRecord {
     /// `extra` must be strictly ascending by tag, use tags in `1..=MAX_TAG` other than those
     /// this record type defines, and carry at most `MAX_EXTENSION_DATA_LEN` bytes each; the
     /// whole record must fit `MAX_RECORD_LEN`. On `BufferTooSmall` the `needed` size is exact.
+    #[inline]
     pub fn encode_with_extensions(
         &self,
         extra: &[Extension<'_>],
@@ -224,17 +283,39 @@ impl DeliveryRecord {
     /// bytes are built as little-endian words in registers, checksummed from the registers, and
     /// each word is stored once. Byte-identical to [`encode_general`](Self::encode_general)
     /// with no `extra` (tested).
+    ///
+    /// With a hardware CRC the whole encoder runs in one out-of-line function compiled for it
+    /// (`hwcrc::with_hw`): the `crc32` instructions work on the words in registers, and the
+    /// outcome comes back in two registers; only [`Put::into_result`] is inlined here.
     #[inline]
     fn encode_known(&self, save_id: Option<u64>, buf: &mut [u8]) -> Result<usize, SaveError> {
-        if let Err(field) = self.validate() {
-            return Err(SaveError::InvalidRecord { field });
+        let out = &mut *buf;
+        let put = match crate::hwcrc::with_hw(move |hw| self.put_known(hw, save_id, out)) {
+            Some(put) => put,
+            None => self.put_known_table(save_id, buf),
+        };
+        put.into_result()
+    }
+
+    /// [`put_known`](Self::put_known) with the table CRC.
+    #[cold]
+    #[inline(never)]
+    fn put_known_table(&self, save_id: Option<u64>, buf: &mut [u8]) -> Put {
+        self.put_known(TableCrc, save_id, buf)
+    }
+
+    #[inline(always)]
+    fn put_known<C: WordsCrc>(&self, crc: C, save_id: Option<u64>, buf: &mut [u8]) -> Put {
+        if let Some(field) = self.invalid_field() {
+            return Put::Invalid(field);
         }
         let (sequence, tag, posted_at) = (self.sequence, self.tag, self.posted_at);
         let lens = u64::from(self.payload_len) | u64::from(self.payload_crc) << 32;
         // `attempts`, then the six reserved zero bytes.
         let attempts = u64::from(self.attempts);
         match (&self.trace_id, save_id) {
-            (None, None) => put_words::<6, false>(
+            (None, None) => put_words::<_, 6, false>(
+                crc,
                 &[
                     header_word(LEN_PLAIN),
                     sequence,
@@ -246,7 +327,8 @@ impl DeliveryRecord {
                 0,
                 buf,
             ),
-            (None, Some(id)) => put_words::<7, true>(
+            (None, Some(id)) => put_words::<_, 7, true>(
+                crc,
                 &[
                     header_word(LEN_SAVE_ID),
                     sequence,
@@ -266,7 +348,8 @@ impl DeliveryRecord {
                 let first = u64::from(TRACE_ENTRY) | u64::from(u32::from_le_bytes(*t0)) << 32;
                 let t2 = u32::from_le_bytes(t2);
                 match save_id {
-                    None => put_words::<8, true>(
+                    None => put_words::<_, 8, true>(
+                        crc,
                         &[
                             header_word(LEN_TRACE),
                             sequence,
@@ -280,7 +363,8 @@ impl DeliveryRecord {
                         t2,
                         buf,
                     ),
-                    Some(id) => put_words::<10, false>(
+                    Some(id) => put_words::<_, 10, false>(
+                        crc,
                         &[
                             header_word(LEN_BOTH),
                             sequence,
@@ -692,6 +776,11 @@ mod word_path_tests {
             let b = record.encode_general(save_id, &[], &mut general[..len]);
             prop_assert_eq!(a, b);
             prop_assert_eq!(&fast[..], &general[..]);
+            // The word encoder with the table CRC (what CPUs without the instruction run).
+            let mut table = [fill; 130];
+            let c = record.put_known_table(save_id, &mut table[..len]).into_result();
+            prop_assert_eq!(c, b);
+            prop_assert_eq!(&table[..], &general[..]);
             if save_id.is_none() {
                 let mut plain = [fill; 130];
                 prop_assert_eq!(record.encode(&mut plain[..len]), b);
