@@ -248,6 +248,15 @@ enum Disturbance {
     GuestReopen,
 }
 
+/// Sets its flag when dropped, also while unwinding.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// Races 2 and 3: a thread posts in a loop and a guest thread acknowledges, while the test
 /// thread disturbs the channel three times. Returns (posts accepted, posts refused because the
 /// channel was frozen or had no negotiated guest at that moment).
@@ -265,6 +274,10 @@ fn posts_race(disturbance: Disturbance, seed: u64) -> (u64, u64) {
         let guest = Mutex::new(guest);
         let stop = AtomicBool::new(false);
         let (posted, refused, cancelled_during) = thread::scope(|scope| {
+            // A failed disturbance panics on this thread; `thread::scope` then waits for the
+            // loops below before passing the panic on, so they must be told to stop on the way
+            // out too (they ran forever, and the test hung instead of failing).
+            let _stop_on_exit = StopOnDrop(&stop);
             let poster = scope.spawn(|| {
                 let mut rng = Rng::new(seed ^ 0x5151);
                 let mut tag = 0;
