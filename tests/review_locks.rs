@@ -71,6 +71,7 @@ fn save_writes_agrees_with_answer_save_on_random_records() {
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use kmcl_sim::{Guest, Kmcl, SimConfig, SimSpinLock};
@@ -82,10 +83,17 @@ use vmbsrv_testkit::migration::{
 };
 use vmbsrv_testkit::{GuestModel, Ledger, Posted};
 
+/// The number of `with` calls to let pass before the hook runs, and the hook.
+type Hook = (Cell<u32>, Box<dyn FnMut()>);
+
+/// The delivery table's `in_flight()` at the end of the last hold of a [`HookLock`], on any
+/// thread: how the hook sees the completion routine end a delivery without a reference to the
+/// channel.
+static IN_FLIGHT: AtomicU32 = AtomicU32::new(0);
+
 thread_local! {
-    /// While set (the control thread, inside `save_continue`): the number of `with` calls to
-    /// let pass before the hook runs, and the hook.
-    static HOOK: RefCell<Option<(Cell<u32>, Box<dyn FnMut()>)>> = RefCell::new(None);
+    /// While set (the control thread, inside `save_continue`): the hook.
+    static HOOK: RefCell<Option<Hook>> = RefCell::new(None);
     static IN_HOOK: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -94,12 +102,16 @@ thread_local! {
 /// between the lookup and the count (old code).
 struct HookLock<T>(SimSpinLock<T>);
 
-impl<T: Send> DispatchLock<T> for HookLock<T> {
-    fn new(value: T) -> Self {
+impl DispatchLock<DeliveryTable> for HookLock<DeliveryTable> {
+    fn new(value: DeliveryTable) -> Self {
         Self(SimSpinLock::new(value))
     }
-    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
-        let result = self.0.with(f);
+    fn with<R>(&self, f: impl FnOnce(&mut DeliveryTable) -> R) -> R {
+        let result = self.0.with(|table| {
+            let result = f(table);
+            IN_FLIGHT.store(table.in_flight(), Ordering::SeqCst);
+            result
+        });
         if !IN_HOOK.get() {
             let fire = HOOK.with(|hook| {
                 let hook = hook.borrow();
@@ -124,7 +136,7 @@ impl<T: Send> DispatchLock<T> for HookLock<T> {
         result
     }
     fn relax() {
-        <SimSpinLock<T> as DispatchLock<T>>::relax();
+        <SimSpinLock<DeliveryTable> as DispatchLock<DeliveryTable>>::relax();
     }
 }
 
@@ -170,22 +182,16 @@ fn save_with_completion_after(skip: u32) -> (Result<(), String>, Ledger, bool) {
         let g = Rc::clone(&guest);
         let stats = channel.statistics().in_flight;
         assert_eq!(stats, 4);
-        // The hook only sees the table through the channel's statistics (it takes the lock
-        // itself; IN_HOOK keeps it from firing again).
-        let channel_ref: &VspChannel<'_, HookLock<DeliveryTable>> = &channel;
-        // SAFETY-free lifetime trick: the hook is removed before `channel` is dropped.
-        let channel_ptr = channel_ref as *const VspChannel<'_, HookLock<DeliveryTable>> as usize;
+        IN_FLIGHT.store(stats, Ordering::SeqCst);
         HOOK.with(|hook| {
             *hook.borrow_mut() = Some((
                 Cell::new(skip),
                 Box::new(move || {
                     assert_eq!(g.borrow_mut().acknowledge(1, None), 1);
-                    #[allow(unsafe_code)]
-                    let channel = unsafe {
-                        &*(channel_ptr as *const VspChannel<'_, HookLock<DeliveryTable>>)
-                    };
+                    // The completion routine ends the delivery in a hold of the table lock,
+                    // which records the new count in IN_FLIGHT.
                     let deadline = Instant::now() + Duration::from_secs(5);
-                    while channel.statistics().in_flight == 4 {
+                    while IN_FLIGHT.load(Ordering::SeqCst) == 4 {
                         assert!(Instant::now() < deadline, "completion never ran");
                         std::thread::sleep(Duration::from_micros(100));
                     }
