@@ -3,7 +3,8 @@
 //! falls back to (the `crc` crate's slicing-by-16, exactly as `saved::checksum` builds it) and a
 //! bit-at-a-time baseline, at the sizes that matter: 48 B (what a `DeliveryRecord`'s header CRC
 //! covers), 96 B (a `ChannelRecord`'s), 512 B and 64 KiB (message payloads, checksummed on every
-//! post).
+//! post; 64 KiB is also a save-stream frame), and 1,024 B, just past `hwcrc::LONG` (768 B), where
+//! the hardware path switches from one `crc32` chain to three.
 
 mod common;
 
@@ -30,7 +31,7 @@ fn bitwise(bytes: &[u8]) -> u32 {
     !crc
 }
 
-const SIZES: [usize; 4] = [48, 96, 512, 65_536];
+const SIZES: [usize; 5] = [48, 96, 512, 1_024, 65_536];
 
 fn main() {
     let mut c = common::criterion();

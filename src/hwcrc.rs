@@ -19,9 +19,22 @@
 //!   time should ask `ExIsProcessorFeaturePresent(PF_ARM_V8_CRC32_INSTRUCTIONS_AVAILABLE)`.
 //! * Anything else: always `None`.
 //!
-//! One stream, 8 bytes per instruction. Interleaving three streams (the usual trick to hide the
-//! instruction's 3-cycle latency) needs a combine step and only pays off on inputs of hundreds of
-//! bytes; the records this checksums are 48–100 bytes, so it is not done.
+//! Short inputs (the 48–100-byte records, and anything under [`LONG`] bytes) are one serial chain
+//! of `crc32` instructions, 8 bytes each: its speed is the instruction's latency (3 cycles). From
+//! [`LONG`] bytes on (x86-64 only: the stream frames and payloads of up to 64 KiB), the input is
+//! cut into groups of three [`BLOCK`]-byte blocks, each block of a group is checksummed as its own
+//! chain (three chains in flight hide the latency), and the three results are folded into the
+//! running CRC with a *shift operator*: a 4 × 256-entry table, computed at compile time by a
+//! `const fn`, that multiplies a CRC register by x^(8·[`BLOCK`]) modulo the polynomial, i.e. feeds
+//! it [`BLOCK`] zero bytes. Table lookups and XORs on general-purpose registers: no carry-less
+//! multiply (`PCLMULQDQ` would need XMM registers). docs/performance.md §4 has the figures.
+
+/// The block length of the three-stream path: one group is 3 × `BLOCK` bytes.
+pub const BLOCK: usize = 256;
+
+/// Inputs of at least this many bytes (one group of three blocks) take the three-stream path of
+/// [`crc32c`] on x86-64; shorter ones the serial chain.
+pub const LONG: usize = 3 * BLOCK;
 
 /// Whether [`crc32c`] uses a hardware instruction on this CPU (detected once, then cached).
 pub fn available() -> bool {
@@ -92,6 +105,84 @@ pub fn with_hw<R>(f: impl FnOnce(Hw) -> R) -> Option<R> {
     imp::with_hw(f)
 }
 
+/// The shift operator of the three-stream path: pure integer arithmetic over GF(2), evaluated at
+/// compile time. The CRC register is *reflected*: bit 31 holds the coefficient of x^0, bit 0 that
+/// of x^31 (the form the `crc32` instruction and the table both use).
+#[cfg(target_arch = "x86_64")]
+mod shift {
+    /// CRC32C's polynomial `0x1EDC6F41`, reflected (x^32 implied).
+    const POLY: u32 = 0x82F6_3B78;
+
+    /// The register times x, modulo the polynomial: one zero bit fed into the CRC.
+    const fn times_x(reg: u32) -> u32 {
+        if reg & 1 != 0 {
+            (reg >> 1) ^ POLY
+        } else {
+            reg >> 1
+        }
+    }
+
+    /// `a` × `b` modulo the polynomial (both reflected).
+    const fn multiply(a: u32, mut b: u32) -> u32 {
+        let mut product = 0;
+        let mut bit = 0;
+        while bit < 32 {
+            // The coefficient of x^bit in `a` (reflected: bit 31 − bit); `b` is b · x^bit here.
+            if a & (1 << (31 - bit)) != 0 {
+                product ^= b;
+            }
+            b = times_x(b);
+            bit += 1;
+        }
+        product
+    }
+
+    /// x^(8 × `bytes`) modulo the polynomial, by square and multiply.
+    const fn x_to_the_bits_of(bytes: usize) -> u32 {
+        let mut result = 1 << 31; // x^0
+        let mut power = 1 << 30; // x^1, then x^2, x^4, …
+        let mut exponent = bytes * 8;
+        while exponent != 0 {
+            if exponent & 1 != 0 {
+                result = multiply(result, power);
+            }
+            power = multiply(power, power);
+            exponent >>= 1;
+        }
+        result
+    }
+
+    /// `table[k][b]` = (b << 8k) × x^(8 × `bytes`): the register (b << 8k) after `bytes` zero
+    /// bytes. The operator is linear, so a register's image is the XOR of its four bytes'.
+    pub(super) const fn table(bytes: usize) -> [[u32; 256]; 4] {
+        let factor = x_to_the_bits_of(bytes);
+        let mut table = [[0; 256]; 4];
+        let mut k = 0;
+        while k < 4 {
+            let mut b = 0;
+            while b < 256 {
+                table[k][b] = multiply(factor, (b as u32) << (8 * k));
+                b += 1;
+            }
+            k += 1;
+        }
+        table
+    }
+
+    /// Feeds [`BLOCK`](super::BLOCK) zero bytes to a CRC register. A `static`, not a `const`, so
+    /// that there is one 4 KiB copy; in the image's read-only data (resident in a driver).
+    pub(super) static BLOCK_SHIFT: [[u32; 256]; 4] = table(super::BLOCK);
+
+    /// The register `reg` after [`BLOCK`](super::BLOCK) zero bytes: four lookups, three XORs.
+    #[inline(always)]
+    pub(super) fn block(reg: u32) -> u32 {
+        let [b0, b1, b2, b3] = reg.to_le_bytes();
+        let [t0, t1, t2, t3] = &BLOCK_SHIFT;
+        // A `u8` index into 256 entries: always in bounds (no check is emitted, no panic path).
+        t0[usize::from(b0)] ^ t1[usize::from(b1)] ^ t2[usize::from(b2)] ^ t3[usize::from(b3)]
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use core::arch::x86_64::{__cpuid, _mm_crc32_u8, _mm_crc32_u32, _mm_crc32_u64};
@@ -151,6 +242,53 @@ mod imp {
         crc
     }
 
+    /// The CRC32C register after `bytes` from `crc`, as [`update`] computes it, in three
+    /// independent chains: every group of three [`BLOCK`](super::BLOCK)-byte blocks is checksummed
+    /// block by block from a zero register, the three chains interleaved, and the results are
+    /// folded into the running register with the shift operator
+    /// (`reg(s, A‖B) = reg(s, A) · x^(8|B|) ⊕ reg(0, B)`); the bytes after the last whole group
+    /// go through [`update`]. The running register is not an input of the chains, so the fold
+    /// (three dependent lookups) overlaps the next group's instructions.
+    ///
+    /// Out of line so that [`update_bytes`]'s short path keeps [`update`]'s code and cost. Like
+    /// `update`, it gives the compiler nothing to vectorize: its disassembly for the driver's
+    /// target has no XMM/YMM operand and no call (docs/performance.md §4).
+    #[inline(never)]
+    #[target_feature(enable = "sse4.2")]
+    fn update_long(mut crc: u32, bytes: &[u8]) -> u32 {
+        let (blocks, rest) = bytes.as_chunks::<{ super::BLOCK }>();
+        let (groups, rest_blocks) = blocks.as_chunks::<3>();
+        for [a, b, c] in groups {
+            // `BLOCK` is a multiple of 8, so each block is exactly `BLOCK / 8` words.
+            let (a, _) = a.as_chunks::<8>();
+            let (b, _) = b.as_chunks::<8>();
+            let (c, _) = c.as_chunks::<8>();
+            let (mut crc_a, mut crc_b, mut crc_c) = (0u64, 0u64, 0u64);
+            for ((a, b), c) in a.iter().zip(b).zip(c) {
+                crc_a = _mm_crc32_u64(crc_a, u64::from_le_bytes(*a));
+                crc_b = _mm_crc32_u64(crc_b, u64::from_le_bytes(*b));
+                crc_c = _mm_crc32_u64(crc_c, u64::from_le_bytes(*c));
+            }
+            // Zero-extended 32-bit results, as in `update`.
+            crc = super::shift::block(crc) ^ crc_a as u32;
+            crc = super::shift::block(crc) ^ crc_b as u32;
+            crc = super::shift::block(crc) ^ crc_c as u32;
+        }
+        // At most two whole blocks (a multiple of 8 bytes), then fewer than `BLOCK` bytes.
+        update(update(crc, rest_blocks.as_flattened()), rest)
+    }
+
+    /// The CRC32C register after `bytes` from `crc`: [`update`] under [`LONG`](super::LONG)
+    /// bytes, [`update_long`] from there on.
+    #[target_feature(enable = "sse4.2")]
+    fn update_bytes(crc: u32, bytes: &[u8]) -> u32 {
+        if bytes.len() < super::LONG {
+            update(crc, bytes)
+        } else {
+            update_long(crc, bytes)
+        }
+    }
+
     /// The finished CRC32C (inversions included) of `words`, then of `tail` if `TAIL`. Fixed
     /// size: the loop is unrolled into `N` (+1) `crc32` instructions, nothing else. Inlined into
     /// [`run`]; a call everywhere else.
@@ -173,9 +311,9 @@ mod imp {
         if !available() {
             return None;
         }
-        // SAFETY: `update` only requires the `sse4.2` target feature, i.e. that the `crc32`
+        // SAFETY: `update_bytes` only requires the `sse4.2` target feature, i.e. that the `crc32`
         // instruction exists; `available()` just read CPUID.01H:ECX.SSE4_2 = 1 on this CPU.
-        let crc = unsafe { update(!0, bytes) };
+        let crc = unsafe { update_bytes(!0, bytes) };
         Some(!crc)
     }
 
@@ -193,6 +331,29 @@ mod imp {
         // SAFETY: as in `crc32c`: `update_array` only requires the `sse4.2` target feature, and
         // `available()` just read CPUID.01H:ECX.SSE4_2 = 1 on this CPU.
         Some(unsafe { update_array(bytes) })
+    }
+
+    /// The three register-level paths, for the tests: `update`, `update_long` and `update_bytes`
+    /// on the same input from the same register.
+    #[cfg(test)]
+    #[target_feature(enable = "sse4.2")]
+    fn every_path(crc: u32, bytes: &[u8]) -> [u32; 3] {
+        [
+            update(crc, bytes),
+            update_long(crc, bytes),
+            update_bytes(crc, bytes),
+        ]
+    }
+
+    /// [`every_path`], or `None` without the instruction (no inversions: the raw register).
+    #[cfg(test)]
+    pub(super) fn registers(crc: u32, bytes: &[u8]) -> Option<[u32; 3]> {
+        if !available() {
+            return None;
+        }
+        // SAFETY: as in `crc32c`: `every_path` only requires the `sse4.2` target feature, and
+        // `available()` just read CPUID.01H:ECX.SSE4_2 = 1 on this CPU.
+        Some(unsafe { every_path(crc, bytes) })
     }
 
     #[inline]
@@ -415,6 +576,139 @@ mod tests {
                 crc32c(b"12345678")
             );
             assert!(crc32c_words(&[0u64; 6]).is_some());
+        }
+    }
+
+    /// A fixed pseudo-random byte stream (xorshift64).
+    #[cfg(target_arch = "x86_64")]
+    fn random_bytes(len: usize, mut state: u64) -> std::vec::Vec<u8> {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect()
+    }
+
+    /// The raw CRC32C register after `bytes` from `reg`, by the `crc` crate's table (which shares
+    /// no code with this module): it bit-reverses a custom initial value of a reflected algorithm
+    /// and inverts its result, so both are undone.
+    #[cfg(target_arch = "x86_64")]
+    fn table_register(reg: u32, bytes: &[u8]) -> u32 {
+        const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+        let mut digest = CRC.digest_with_initial(reg.reverse_bits());
+        digest.update(bytes);
+        !digest.finalize()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn shift_operator_feeds_block_zero_bytes() {
+        // Every single-bit register (the operator's 32 basis vectors), every byte value in each
+        // byte position (the table's rows), and random registers.
+        let zeros = [0u8; BLOCK];
+        let mut regs: std::vec::Vec<u32> = (0..32).map(|bit| 1 << bit).collect();
+        regs.extend((0..4).flat_map(|k| (0..=255u32).map(move |b| b << (8 * k))));
+        let mut state = 0x0DDB_1A5E_5BAD_5EED_u64;
+        regs.extend((0..256).map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 16) as u32
+        }));
+        regs.extend([0, !0]);
+        for reg in regs {
+            assert_eq!(
+                shift::block(reg),
+                table_register(reg, &zeros),
+                "register {reg:#010x}"
+            );
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_path_from_any_register_on_every_length() {
+        if !available() {
+            return; // nothing but the table to compare (also under Miri)
+        }
+        // Lengths 0..=2,100 (every tail, 0–2 leftover blocks, up to two groups of three), from
+        // the CRC's initial register and from arbitrary ones (a continued checksum).
+        let data = random_bytes(2_100 + 8, 0x2545_F491_4F6C_DD1D);
+        let regs = [!0u32, 0, 0x1234_5678, 0xE306_9283];
+        for len in 0..=2_100 {
+            for (i, &reg) in regs.iter().enumerate() {
+                let bytes = &data[i..i + len];
+                let expected = table_register(reg, bytes);
+                if let Some(paths) = imp::registers(reg, bytes) {
+                    assert_eq!(paths, [expected; 3], "register {reg:#x}, {len} bytes");
+                }
+            }
+        }
+    }
+
+    /// Lengths on both sides of every boundary of the long path: whole groups (3 × `BLOCK`), one
+    /// or two leftover blocks, the word size, `LONG` itself, and 64 KiB (a frame).
+    #[cfg(target_arch = "x86_64")]
+    fn boundary_lengths() -> std::vec::Vec<usize> {
+        let mut lengths = std::vec::Vec::new();
+        let groups = (0..=6).chain(84..=86);
+        for group in groups {
+            for blocks in 0..3 {
+                let base = group * LONG + blocks * BLOCK;
+                for delta in [-9isize, -8, -7, -1, 0, 1, 7, 8, 9] {
+                    if let Some(len) = base.checked_add_signed(delta) {
+                        lengths.push(len);
+                    }
+                }
+            }
+        }
+        lengths.extend([65_536 - 16, 65_536 - 4, 65_536, 65_536 + 4]);
+        lengths.sort_unstable();
+        lengths.dedup();
+        lengths
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn long_path_around_every_boundary_and_split() {
+        if !available() {
+            return; // nothing but the table to compare (also under Miri)
+        }
+        let data = random_bytes(86 * LONG + 3 * BLOCK + 16, 0x9E37_79B9_7F4A_7C15);
+        for len in boundary_lengths() {
+            for offset in [0, 3] {
+                let bytes = &data[offset..offset + len];
+                let expected = table_register(!0, bytes);
+                assert_eq!(
+                    crc32c(bytes),
+                    Some(!expected),
+                    "offset {offset}, {len} bytes"
+                );
+                // Incremental: the register after a first part continues through the second,
+                // split inside a word, at a block edge, after a group, and in the middle.
+                let splits = [
+                    1,
+                    7,
+                    BLOCK,
+                    LONG,
+                    LONG + 5,
+                    len / 2,
+                    len.saturating_sub(LONG),
+                ];
+                for split in splits.into_iter().filter(|&split| split <= len) {
+                    let (first, second) = bytes.split_at(split);
+                    let Some([_, _, after_first]) = imp::registers(!0, first) else {
+                        continue;
+                    };
+                    let Some(paths) = imp::registers(after_first, second) else {
+                        continue;
+                    };
+                    assert_eq!(paths, [expected; 3], "{len} bytes split at {split}");
+                }
+            }
         }
     }
 

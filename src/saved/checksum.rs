@@ -186,6 +186,85 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn long_inputs_agree_with_the_table_and_bitwise_on_every_length() {
+        // Lengths 0..=2,100 cross `hwcrc::LONG` (768) and the group size twice, with every
+        // tail and 0–2 leftover blocks; random content at two alignments.
+        let mut state = 0xC3A5_C85C_97CB_3127_u64;
+        let data: std::vec::Vec<u8> = (0..2_100 + 5)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 32) as u8
+            })
+            .collect();
+        // Miri (the table only: no hardware there) takes every 211th length.
+        for len in (0..=2_100).step_by(if cfg!(miri) { 211 } else { 1 }) {
+            for offset in [0, 5] {
+                let slice = &data[offset..offset + len];
+                let table = table_crc32c(slice);
+                assert_eq!(crc32c(slice), table, "offset {offset}, {len} bytes");
+                if let Some(hw) = crate::hwcrc::crc32c(slice) {
+                    assert_eq!(hw, table, "hardware, offset {offset}, {len} bytes");
+                }
+                if offset == 0 {
+                    assert_eq!(bitwise(slice), table, "bitwise, {len} bytes");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn long_inputs_agree_around_every_block_boundary_up_to_64_kib() {
+        use crate::hwcrc::{BLOCK, LONG};
+        // Miri (the table only) takes the first group, without the bitwise oracle.
+        let (groups, data_len): (&[usize], usize) = if cfg!(miri) {
+            (&[1], 2 * LONG)
+        } else {
+            (&[1, 2, 3, 4, 5, 6, 84, 85, 86], 87 * LONG)
+        };
+        let mut state = 0x6A09_E667_F3BC_C908_u64;
+        let data: std::vec::Vec<u8> = (0..data_len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as u8
+            })
+            .collect();
+        // Whole groups of three blocks, plus 0, 1 or 2 blocks, each ± a few bytes; 64 KiB.
+        let mut lengths: std::vec::Vec<usize> = groups
+            .iter()
+            .flat_map(|group| (0..3).map(move |blocks| group * LONG + blocks * BLOCK))
+            .flat_map(|base| {
+                [
+                    base - 9,
+                    base - 8,
+                    base - 1,
+                    base,
+                    base + 1,
+                    base + 8,
+                    base + 9,
+                ]
+            })
+            .collect();
+        if !cfg!(miri) {
+            lengths.extend([65_532, 65_536, 65_540]);
+        }
+        for len in lengths {
+            let slice = &data[3..3 + len];
+            let table = table_crc32c(slice);
+            assert_eq!(crc32c(slice), table, "{len} bytes");
+            if let Some(hw) = crate::hwcrc::crc32c(slice) {
+                assert_eq!(hw, table, "hardware, {len} bytes");
+            }
+            if !cfg!(miri) {
+                assert_eq!(bitwise(slice), table, "bitwise, {len} bytes");
+            }
+        }
+    }
+
+    #[test]
     fn word_forms_agree_with_the_byte_form_on_both_paths() {
         let mut state = 0x0123_4567_89AB_CDEF_u64;
         let words: [u64; 11] = core::array::from_fn(|_| {
