@@ -289,6 +289,19 @@ impl DeliveryRecord {
     /// outcome comes back in two registers; only [`Put::into_result`] is inlined here.
     #[inline]
     fn encode_known(&self, save_id: Option<u64>, buf: &mut [u8]) -> Result<usize, SaveError> {
+        // The save callback's size probe (an empty buffer) is answered here, inlined, without
+        // the out-of-line call: what `put_known` answers for it, in its order (an invalid
+        // record, else the exact size). Every record is at least `MIN_ENCODED_LEN` long.
+        if buf.is_empty() {
+            return Err(match self.invalid_field() {
+                Some(field) => SaveError::InvalidRecord {
+                    field: field.name(),
+                },
+                None => SaveError::BufferTooSmall {
+                    needed: self.encoded_len_saved(save_id),
+                },
+            });
+        }
         let out = &mut *buf;
         let put = match crate::hwcrc::with_hw(move |hw| self.put_known(hw, save_id, out)) {
             Some(put) => put,
@@ -758,6 +771,38 @@ mod word_path_tests {
                 Ok((record, None)),
                 "plain path accepted {bytes:02x?}"
             );
+        }
+    }
+
+    /// The size probe (an empty buffer) is answered before the word encoder runs: the same
+    /// answer as the general encoder for every combination of invalid fields, trace id and
+    /// save id, errors in the same order.
+    #[test]
+    fn the_empty_buffer_answer_matches_the_general_encoder() {
+        for sequence in [0, 1, u64::MAX] {
+            for payload_len in [0, 1, MAX_PAYLOAD_LEN, MAX_PAYLOAD_LEN + 1] {
+                for attempts in [0, 1] {
+                    for trace_id in [None, Some([7u8; 16])] {
+                        let record = DeliveryRecord {
+                            sequence,
+                            tag: 5,
+                            posted_at: 6,
+                            payload_len,
+                            payload_crc: 8,
+                            attempts,
+                            trace_id,
+                        };
+                        for save_id in [None, Some(0), Some(u64::MAX)] {
+                            let general = record.encode_general(save_id, &[], &mut []);
+                            assert!(general.is_err());
+                            assert_eq!(record.encode_saved(save_id, &mut []), general);
+                            if save_id.is_none() {
+                                assert_eq!(record.encode(&mut []), general);
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
