@@ -15,7 +15,11 @@
 //! chunk as the §5 slope is; `restore-chunked`, in the 64 KiB chunks it was saved in). Prints the
 //! wall time of the timed part per packet. An optional third argument repeats the timed part
 //! (mean printed), so that `perf record` samples mostly it:
-//! `perf record -F 5000 -g target/release/examples/sim_profile save 10000 300`.
+//! `perf record -F 5000 -g target/release/examples/sim_profile save 10000 300`. With
+//! `SIM_PROFILE_PERF_CTL` naming perf's control FIFO, each timed part is bracketed by `enable` /
+//! `disable` (`mkfifo /tmp/ctl; SIM_PROFILE_PERF_CTL=/tmp/ctl perf record -D -1
+//! --control=fifo:/tmp/ctl …`), so that a restore's set-up on a fresh instance is not sampled;
+//! perf acts on the FIFO a little late, so a few samples of the tear-down remain.
 
 use std::time::{Duration, Instant};
 
@@ -26,15 +30,29 @@ use vmbsrv_testkit::migration::{Lock, restore_channel, save_channel};
 const MAX_MESSAGE_LEN: u32 = 256;
 
 /// A loaded channel's save stream, in `chunk` byte chunks, and the time `save_channel` took.
-fn loaded_save(packets: u32, chunk: usize, repeat: u32) -> (Vec<u8>, Duration) {
+fn loaded_save(packets: u32, chunk: usize, repeat: u32, sampled: bool) -> (Vec<u8>, Duration) {
     fixtures::with_loaded_channel(packets, 64, MAX_MESSAGE_LEN, |channel| {
+        if sampled {
+            perf_ctl("enable");
+        }
         let start = Instant::now();
         let mut stream = timed_save(channel, chunk);
         for _ in 1..repeat {
             stream = timed_save(channel, chunk);
         }
-        (stream, start.elapsed() / repeat)
+        let elapsed = start.elapsed();
+        if sampled {
+            perf_ctl("disable");
+        }
+        (stream, elapsed / repeat)
     })
+}
+
+/// Writes `command` to perf's control FIFO named by `SIM_PROFILE_PERF_CTL`, if set.
+fn perf_ctl(command: &str) {
+    if let Some(path) = std::env::var_os("SIM_PROFILE_PERF_CTL") {
+        std::fs::write(&path, format!("{command}\n")).expect("write to perf's control FIFO");
+    }
 }
 
 #[inline(never)]
@@ -49,9 +67,12 @@ fn timed_restore(channel: &VspChannel<'_, Lock>, stream: &[u8]) {
 
 fn restore_once(packets: u32, stream: &[u8]) -> Duration {
     fixtures::with_restoring_channel(packets, MAX_MESSAGE_LEN, |channel| {
+        perf_ctl("enable");
         let start = Instant::now();
         timed_restore(channel, stream);
-        start.elapsed()
+        let elapsed = start.elapsed();
+        perf_ctl("disable");
+        elapsed
     })
 }
 
@@ -70,7 +91,7 @@ fn main() {
     };
     match mode {
         "save" => {
-            let (_, elapsed) = loaded_save(packets, 64 * 1024, repeat);
+            let (_, elapsed) = loaded_save(packets, 64 * 1024, repeat, true);
             println!(
                 "save {packets}: {:?}, {:.1} ns/packet",
                 elapsed,
@@ -78,7 +99,7 @@ fn main() {
             );
         }
         "restore" => {
-            let (stream, _) = loaded_save(packets, 4096 + packets as usize * 1024, 1);
+            let (stream, _) = loaded_save(packets, 4096 + packets as usize * 1024, 1, false);
             let elapsed = restore_repeated(&stream);
             println!(
                 "restore {packets}: {:?}, {:.1} ns/packet",
@@ -87,7 +108,7 @@ fn main() {
             );
         }
         "restore-chunked" => {
-            let (stream, _) = loaded_save(packets, 64 * 1024, 1);
+            let (stream, _) = loaded_save(packets, 64 * 1024, 1, false);
             let elapsed = restore_repeated(&stream);
             println!(
                 "restore in 64 KiB chunks {packets}: {:?}, {:.1} ns/packet",
