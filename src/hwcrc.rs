@@ -13,9 +13,10 @@
 //!   OS support (no `XSAVE` state), only the CPUID bit, so the bit alone decides.
 //! * **aarch64**: the ARMv8 `crc32c{b,d}` instructions (also general-purpose registers only), used
 //!   only when the build enables the `crc` target feature (e.g. `-C target-feature=+crc`), so
-//!   there is no run-time detection and no `unsafe` on that path. `aarch64-pc-windows-msvc` does
-//!   not enable `crc` by default, so a default ARM64 build uses the table. **Not compiled or
-//!   tested here** (this machine has no aarch64 standard library); a driver that wants it at run
+//!   there is no run-time detection; the intrinsics still need `unsafe` (three one-instruction
+//!   steps, each citing the build's `cfg`). `aarch64-pc-windows-msvc` does not enable `crc` by
+//!   default, so a default ARM64 build uses the table. **Type-checked, never run** (`.ci/run`
+//!   checks that target with `+crc`; there is no ARM64 CPU here); a driver that wants it at run
 //!   time should ask `ExIsProcessorFeaturePresent(PF_ARM_V8_CRC32_INSTRUCTIONS_AVAILABLE)`.
 //! * Anything else: always `None`.
 //!
@@ -408,9 +409,32 @@ mod imp {
 
 #[cfg(all(target_arch = "aarch64", target_feature = "crc"))]
 mod imp {
-    // Not compiled on the development machine (no aarch64 standard library there): see the
-    // module documentation. The build guarantees the feature, so every call here is safe.
+    // Type-checked on the development machine and in CI (`.ci/run`: `cargo check --target
+    // aarch64-pc-windows-msvc` with `-Ctarget-feature=+crc`), not run: there is no ARM64 CPU
+    // here. The build enables the feature, but the intrinsics are `#[target_feature]` functions,
+    // which a function without that attribute may only call in `unsafe` (E0133): the three
+    // steps below are the only such calls.
     use core::arch::aarch64::{__crc32cb, __crc32cd, __crc32cw};
+
+    #[inline(always)]
+    fn step_u64(crc: u32, word: u64) -> u32 {
+        // SAFETY: `__crc32cd` only requires the `crc` target feature, which this module's
+        // `cfg(target_feature = "crc")` says the whole build enables: every CPU this code can
+        // run on has the instruction.
+        unsafe { __crc32cd(crc, word) }
+    }
+
+    #[inline(always)]
+    fn step_u32(crc: u32, word: u32) -> u32 {
+        // SAFETY: as in `step_u64`, for `__crc32cw`.
+        unsafe { __crc32cw(crc, word) }
+    }
+
+    #[inline(always)]
+    fn step_u8(crc: u32, byte: u8) -> u32 {
+        // SAFETY: as in `step_u64`, for `__crc32cb`.
+        unsafe { __crc32cb(crc, byte) }
+    }
 
     pub(super) fn available() -> bool {
         true
@@ -420,10 +444,10 @@ mod imp {
         let (words, tail) = bytes.as_chunks::<8>();
         let mut crc = !0u32;
         for word in words {
-            crc = __crc32cd(crc, u64::from_le_bytes(*word));
+            crc = step_u64(crc, u64::from_le_bytes(*word));
         }
         for &byte in tail {
-            crc = __crc32cb(crc, byte);
+            crc = step_u8(crc, byte);
         }
         Some(!crc)
     }
@@ -440,10 +464,10 @@ mod imp {
     ) -> Option<u32> {
         let mut crc = !0u32;
         for &word in words {
-            crc = __crc32cd(crc, word);
+            crc = step_u64(crc, word);
         }
         if TAIL {
-            crc = __crc32cw(crc, tail);
+            crc = step_u32(crc, tail);
         }
         Some(!crc)
     }
@@ -460,10 +484,10 @@ mod imp {
     ) -> u32 {
         let mut crc = !0u32;
         for &word in words {
-            crc = __crc32cd(crc, word);
+            crc = step_u64(crc, word);
         }
         if TAIL {
-            crc = __crc32cw(crc, tail);
+            crc = step_u32(crc, tail);
         }
         !crc
     }
