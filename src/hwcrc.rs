@@ -744,4 +744,70 @@ mod tests {
             assert_eq!(available(), first);
         }
     }
+
+    /// Review: 1 MiB and long random lengths at every start offset 0..8, against the `crc`
+    /// crate, and continued registers through many pieces of random size (some straddling
+    /// `LONG`, some whole groups).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn review_long_inputs_offsets_and_pieces() {
+        if !available() {
+            return;
+        }
+        let data = random_bytes((1 << 20) + 16, 0xDEAD_BEEF_CAFE_F00D);
+        let mut lengths = std::vec![
+            1 << 20,
+            (1 << 20) - 1,
+            (1 << 20) + 1,
+            767,
+            768,
+            769,
+            3 * 768 - 1,
+            3 * 768 + 1
+        ];
+        let mut state = 0x1357_9BDF_2468_ACE0_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..200 {
+            lengths.push((next() % 70_000) as usize);
+        }
+        for &len in &lengths {
+            for offset in 0..8 {
+                let bytes = &data[offset..offset + len];
+                assert_eq!(
+                    crc32c(bytes),
+                    Some(!table_register(!0, bytes)),
+                    "offset {offset}, {len}"
+                );
+            }
+        }
+        // Pieces.
+        for round in 0..50 {
+            let total = (next() % 200_000) as usize;
+            let bytes = &data[(round % 8)..(round % 8) + total];
+            let expected = table_register(!0, bytes);
+            let mut reg = !0u32;
+            let mut at = 0;
+            while at < total {
+                let piece = match next() % 4 {
+                    0 => LONG - 1 + (next() % 3) as usize,
+                    1 => LONG * (1 + (next() % 5) as usize),
+                    2 => (next() % 16) as usize,
+                    _ => (next() % 5_000) as usize,
+                }
+                .min(total - at);
+                let [serial, long, both] = imp::registers(reg, &bytes[at..at + piece]).unwrap();
+                assert_eq!(serial, long);
+                assert_eq!(serial, both);
+                reg = both;
+                at += piece;
+            }
+            assert_eq!(reg, expected, "round {round}, {total} bytes");
+        }
+    }
 }

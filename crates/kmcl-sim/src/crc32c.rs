@@ -291,4 +291,44 @@ mod tests {
             assert_eq!(shift::block(reg), table_update(reg, &zeros), "{reg:#010x}");
         }
     }
+
+    /// Review: `Crc32c::update` fed many pieces of random size (some straddling `LONG`, some
+    /// whole groups, some empty), at odd offsets, up to 1 MiB, against the `crc` crate.
+    #[test]
+    #[cfg_attr(miri, ignore)]
+    fn review_pieces_straddling_long() {
+        let data = random_bytes((1 << 20) + 8, 0xFEED_FACE_0BAD_F00D);
+        let mut state = 0x0F1E_2D3C_4B5A_6978_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..60 {
+            let total = if round == 0 {
+                1 << 20
+            } else {
+                (next() % 150_000) as usize
+            };
+            let offset = round % 8;
+            let bytes = &data[offset..offset + total];
+            let expected = TABLE.checksum(bytes);
+            assert_eq!(checksum(bytes), expected);
+            let mut digest = Crc32c::new();
+            let mut at = 0;
+            while at < total {
+                let piece = match next() % 4 {
+                    0 => LONG - 1 + (next() % 3) as usize,
+                    1 => LONG * (1 + (next() % 5) as usize) + (next() % 2) as usize,
+                    2 => (next() % 16) as usize,
+                    _ => (next() % 5_000) as usize,
+                }
+                .min(total - at);
+                digest.update(&bytes[at..at + piece]);
+                at += piece;
+            }
+            assert_eq!(digest.finish(), expected, "round {round}, {total} bytes");
+        }
+    }
 }
