@@ -462,14 +462,7 @@ mod imp {
         words: &[u64; N],
         tail: u32,
     ) -> Option<u32> {
-        let mut crc = !0u32;
-        for &word in words {
-            crc = step_u64(crc, word);
-        }
-        if TAIL {
-            crc = step_u32(crc, tail);
-        }
-        Some(!crc)
+        Some(words_with::<N, TAIL>(Token(()), words, tail))
     }
 
     /// What a [`super::Hw`] holds; the build guarantees the instructions.
